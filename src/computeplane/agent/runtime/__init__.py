@@ -1,0 +1,1 @@
+"""Runtimes start and stop instances on one node behind the ``Runtime`` interface."""

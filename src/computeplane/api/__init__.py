@@ -1,0 +1,1 @@
+"""The HTTP API: routes, authentication and the mapping of errors to responses."""

@@ -1,0 +1,152 @@
+"""The one place where errors become HTTP responses in fal's error envelope.
+
+Every error body is ``{"error": {"type", "message", "code", "request_id"}}``. ``type`` is one
+of fal's values and ``code`` is computeplane's stable machine-readable code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from computeplane.domain import errors
+from computeplane.logconfig import current_request_id
+from computeplane.schemas.errors import ErrorDetail, ErrorResponse, ErrorType
+
+logger = logging.getLogger(__name__)
+
+# An error maps through the first class of its MRO that is listed here.
+_STATUS: dict[type[errors.ComputeplaneError], tuple[int, ErrorType]] = {
+    errors.InvalidRequest: (400, "validation_error"),
+    errors.AuthenticationFailed: (401, "authorization_error"),
+    errors.PermissionDenied: (403, "authorization_error"),
+    errors.NotFound: (404, "not_found"),
+    errors.IdempotencyInFlight: (409, "validation_error"),
+    errors.ConflictError: (409, "validation_error"),
+    errors.RequestTooLarge: (413, "validation_error"),
+    errors.IdempotencyKeyReused: (422, "validation_error"),
+    errors.RateLimited: (429, "rate_limited"),
+    errors.InsufficientCapacity: (503, "server_error"),
+}
+
+_ROUTING_ERRORS: dict[int, tuple[ErrorType, str, str]] = {
+    404: ("not_found", "not_found", "No such endpoint."),
+    405: ("validation_error", "method_not_allowed", "Method not allowed for this endpoint."),
+}
+
+
+def error_response(
+    status: int,
+    error_type: ErrorType,
+    code: str,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    """Build an error response in the envelope, stamped with the current request id."""
+    body = ErrorResponse(
+        error=ErrorDetail(
+            type=error_type,
+            message=message,
+            code=code,
+            request_id=current_request_id() or "-",
+        )
+    )
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def domain_error_response(error: errors.ComputeplaneError) -> JSONResponse:
+    status, error_type = _status_of(error)
+    headers: dict[str, str] = {}
+    if isinstance(error, errors.AuthenticationFailed):
+        headers["WWW-Authenticate"] = 'Key realm="computeplane"'
+    if isinstance(error, errors.IdempotencyInFlight | errors.InsufficientCapacity):
+        headers["Retry-After"] = str(error.retry_after)
+    if isinstance(error, errors.RateLimited):
+        headers["Retry-After"] = str(error.retry_after)
+        headers.update(error.rate_limit_headers)
+
+    log = logger.warning if status >= 500 else logger.info
+    log("request failed with %d %s: %s", status, error.code, error.message)
+    return error_response(status, error_type, error.code, error.message, headers)
+
+
+def internal_error_response() -> JSONResponse:
+    return error_response(
+        500,
+        "server_error",
+        "internal_error",
+        "The server failed to handle the request; report the request_id to the operator.",
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(errors.ComputeplaneError, _handle_domain_error)
+    app.add_exception_handler(RequestValidationError, _handle_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _handle_http_exception)
+
+
+async def _handle_domain_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, errors.ComputeplaneError)
+    return domain_error_response(error)
+
+
+async def _handle_validation_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    code, message = describe_validation_errors(error.errors())
+    logger.info("request rejected with 400 %s: %s", code, message)
+    return error_response(400, "validation_error", code, message)
+
+
+async def _handle_http_exception(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, StarletteHTTPException)
+    fallback: tuple[ErrorType, str, str] = (
+        "server_error" if error.status_code >= 500 else "validation_error",
+        "invalid_request",
+        str(error.detail),
+    )
+    error_type, code, message = _ROUTING_ERRORS.get(error.status_code, fallback)
+    return error_response(error.status_code, error_type, code, message, error.headers)
+
+
+def describe_validation_errors(details: Any) -> tuple[str, str]:
+    """Return a code and one message naming each invalid field, never echoing input values.
+
+    The submitted value may be a private key, so only locations and pydantic's messages,
+    which describe the expected form, are used.
+    """
+    code = "invalid_request"
+    parts: list[str] = []
+    for detail in details:
+        kind = detail.get("type", "")
+        if kind == "invalid_ssh_key":
+            code = "invalid_ssh_key"
+        location = ".".join(str(part) for part in detail.get("loc", ()) if part != "body")
+        parts.append(_validation_message(kind, location, detail.get("msg", "invalid value")))
+    return code, "; ".join(parts) or "The request is invalid."
+
+
+def _validation_message(kind: str, location: str, message: str) -> str:
+    if kind == "json_invalid":
+        return "The request body is not valid JSON."
+    if kind == "extra_forbidden":
+        return f"Unknown field '{location}'."
+    if kind == "missing":
+        return f"Field '{location}' is required."
+    if kind in {"model_attributes_type", "dict_type"} and not location:
+        return "The request body must be a JSON object."
+    if kind in {"invalid_ssh_key", "sector_not_allowed"} or not location:
+        return message
+    return f"{location}: {message}"
+
+
+def _status_of(error: errors.ComputeplaneError) -> tuple[int, ErrorType]:
+    for cls in type(error).__mro__:
+        if cls in _STATUS:
+            return _STATUS[cls]
+    return 500, "server_error"

@@ -1,0 +1,1 @@
+"""The ``computeplane`` command line."""

@@ -1,0 +1,201 @@
+"""The processes computeplane runs: all-in-one ``serve``, or ``api``, ``worker`` and ``agent``.
+
+Each role opens the database (except the agent, which speaks only HTTP), brings the schema
+to head under a lock and runs until interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+import uvicorn
+
+from computeplane.agent.agent import NodeAgent
+from computeplane.agent.client import ControlPlaneClient
+from computeplane.agent.runtime.local import LocalRuntime, LocalRuntimeConfig
+from computeplane.api.app import BackgroundTask, create_app
+from computeplane.domain.fleet import load_fleet
+from computeplane.services import accounts
+from computeplane.services.context import ServiceContext
+from computeplane.services.nodes import sync_fleet
+from computeplane.services.pg_notifier import make_notifier
+from computeplane.settings import Settings
+from computeplane.store.database import Database
+from computeplane.store.migrate import upgrade_to_head
+from computeplane.workers.runner import run_workers
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def open_database(settings: Settings) -> AsyncIterator[Database]:
+    """Open the configured database with its schema at head; dispose it on exit."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    database = Database(
+        settings.resolved_database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+    )
+    try:
+        await upgrade_to_head(database)
+        yield database
+    finally:
+        await database.dispose()
+
+
+async def initialize(settings: Settings) -> bool:
+    """Create the schema and, on an empty database, the default organization and admin key."""
+    async with open_database(settings) as database:
+        return await _bootstrap(database, settings)
+
+
+async def serve(settings: Settings) -> None:
+    """Run the API, the workers and one local agent per fleet node in this process."""
+    fleet = load_fleet(settings.fleet_file)
+    async with open_database(settings) as database:
+        await _bootstrap(database, settings)
+        tokens = await sync_fleet(database, fleet)
+        context = ServiceContext(settings, database, make_notifier(database))
+
+        base_url = f"http://{_connect_host(settings.host)}:{settings.port}"
+        runtimes: list[LocalRuntime] = []
+        agents: list[NodeAgent] = []
+        for name, token in tokens.items():
+            runtime = LocalRuntime(local_runtime_config(settings, name))
+            runtimes.append(runtime)
+            agents.append(
+                NodeAgent(
+                    name,
+                    ControlPlaneClient(base_url, token),
+                    runtime,
+                    poll_seconds=settings.agent_poll_seconds,
+                    heartbeat_seconds=settings.heartbeat_interval_seconds,
+                )
+            )
+
+        logger.info("serving %d local nodes from %s", len(fleet), settings.fleet_file)
+        try:
+            await _run_http(
+                context,
+                settings,
+                background=[lambda: run_workers(context)],
+                after_startup=[agent.run for agent in agents],
+            )
+        finally:
+            await asyncio.gather(*(runtime.close() for runtime in runtimes))
+
+
+async def api(settings: Settings) -> None:
+    """Run the HTTP API only."""
+    async with open_database(settings) as database:
+        context = ServiceContext(settings, database, make_notifier(database))
+        await _run_http(context, settings)
+
+
+async def worker(settings: Settings) -> None:
+    """Run the background loops only."""
+    async with open_database(settings) as database:
+        context = ServiceContext(settings, database, make_notifier(database))
+        await context.notifier.start()
+        try:
+            await run_workers(context)
+        finally:
+            await context.notifier.close()
+
+
+async def agent(settings: Settings, control_plane_url: str, node_token: str) -> None:
+    """Run one node's agent with the local runtime, talking to the control plane over HTTP."""
+    runtime = LocalRuntime(local_runtime_config(settings, "agent"))
+    client = ControlPlaneClient(control_plane_url, node_token)
+    node_agent = NodeAgent(
+        "unregistered",
+        client,
+        runtime,
+        poll_seconds=settings.agent_poll_seconds,
+        heartbeat_seconds=settings.heartbeat_interval_seconds,
+    )
+    try:
+        await node_agent.run()
+    finally:
+        await runtime.close()
+        await client.aclose()
+
+
+def local_runtime_config(settings: Settings, node_name: str) -> LocalRuntimeConfig:
+    return LocalRuntimeConfig(
+        state_dir=settings.data_dir / "nodes" / node_name,
+        address_dir=settings.data_dir / "addresses",
+        address_pool=ipaddress.IPv4Network(settings.local_address_pool),
+        ssh_port=settings.local_ssh_port,
+    )
+
+
+async def _bootstrap(database: Database, settings: Settings) -> bool:
+    created = await accounts.bootstrap(database, settings.admin_key_file)
+    if not created:
+        logger.info(
+            "database already initialized; the bootstrap admin key file is %s",
+            settings.admin_key_file,
+        )
+    return created
+
+
+async def _run_http(
+    context: ServiceContext,
+    settings: Settings,
+    *,
+    background: Sequence[BackgroundTask] = (),
+    after_startup: Sequence[BackgroundTask] = (),
+) -> None:
+    """Serve the API until a signal stops it.
+
+    ``background`` tasks run for the app's lifetime. ``after_startup`` tasks start once the
+    server accepts connections, because embedded agents connect to it over HTTP.
+    """
+    app = create_app(context, background=background)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=5,
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    started: list[asyncio.Task[None]] = []
+    try:
+        # uvicorn exposes startup and shutdown only as flags, which its own loop polls too.
+        while not server.started and not serving.done():  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        if server.started:
+            started = [asyncio.create_task(task()) for task in after_startup]
+        while not server.should_exit and not serving.done():  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+    finally:
+        # Stop the embedded agents and answer pending long-polls first, so the server's
+        # graceful shutdown does not wait for them.
+        await _cancel(started)
+        context.notifier.shutdown()
+        server.should_exit = True
+        await asyncio.gather(serving, return_exceptions=True)
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _connect_host(host: str) -> str:
+    """Return an address that reaches a server bound to ``host`` from this machine."""
+    if host in {"0.0.0.0", ""}:
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,1 @@
+"""Business rules: authentication, placement, idempotency, instances, nodes and agents."""

@@ -1,0 +1,1 @@
+"""Persistence: the database engine and sessions, the ORM models and the migrations."""
