@@ -18,6 +18,7 @@ from computeplane.agent.agent import NodeAgent
 from computeplane.agent.client import ControlPlaneClient
 from computeplane.agent.runtime.local import LocalRuntime, LocalRuntimeConfig
 from computeplane.api.app import BackgroundTask, create_app
+from computeplane.api.http_protocol import head_timeout_protocol
 from computeplane.domain.fleet import load_fleet
 from computeplane.services import accounts
 from computeplane.services.context import ServiceContext
@@ -162,6 +163,8 @@ async def _run_http(
         host=settings.host,
         port=settings.port,
         log_config=None,
+        http=head_timeout_protocol(settings.request_head_timeout_seconds),
+        limit_concurrency=settings.max_connections,
         timeout_keep_alive=5,
         timeout_graceful_shutdown=5,
         server_header=False,

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     local_ssh_port: int = Field(default=2222, ge=1, le=65535)
 
     max_request_bytes: int = Field(default=65536, ge=1024)
+    request_head_timeout_seconds: float = Field(default=10.0, gt=0)
+    request_body_timeout_seconds: float = Field(default=30.0, gt=0)
+    max_connections: int = Field(default=2048, ge=1)
     rate_limit_requests: int = Field(default=600, ge=0)
     rate_limit_window_seconds: int = Field(default=60, ge=1)
 

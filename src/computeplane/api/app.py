@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from computeplane import __version__
 from computeplane.api.errors import install_error_handlers
 from computeplane.api.middleware import RequestContextMiddleware
+from computeplane.api.openapi import install_openapi
 from computeplane.api.routes import agent, instances
 from computeplane.services.context import ServiceContext
 
@@ -50,7 +51,12 @@ def create_app(context: ServiceContext, *, background: Sequence[BackgroundTask] 
     app.include_router(instances.router)
     app.include_router(agent.router)
     install_error_handlers(app)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=context.settings.max_request_bytes)
+    install_openapi(app)
+    app.add_middleware(
+        RequestContextMiddleware,
+        max_body_bytes=context.settings.max_request_bytes,
+        body_timeout=context.settings.request_body_timeout_seconds,
+    )
     return app
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Request, Security
+from fastapi.security import APIKeyHeader
 
 from computeplane.api.middleware import EXTRA_HEADERS_KEY
 from computeplane.domain.errors import AuthenticationFailed
@@ -64,7 +65,21 @@ def parse_credentials(request: Request, expected_scheme: str) -> str:
     return credentials
 
 
-async def authenticated_principal(request: Request, context: Context) -> auth.Principal:
+# Declares the scheme in the OpenAPI document; the header itself is parsed below, because
+# the parser must also reject a repeated header.
+_api_key_scheme = APIKeyHeader(
+    name="Authorization",
+    scheme_name="adminApiKey",
+    description="'Key <key_id>:<secret>': an admin API key of an organization with compute.",
+    auto_error=False,
+)
+
+
+async def authenticated_principal(
+    request: Request,
+    context: Context,
+    _documented: Annotated[str | None, Security(_api_key_scheme)] = None,
+) -> auth.Principal:
     """Authenticate the API key and count the request against its rate limit."""
     credentials = parse_credentials(request, "Key")
     key_id, separator, secret = credentials.partition(":")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Path, Query, Response
 
 from computeplane.api.dependencies import ComputeAdmin, Context, IdempotencyKey
-from computeplane.api.openapi import CREATE_RESPONSES, DELETE_RESPONSES, READ_RESPONSES
+from computeplane.api.openapi import CREATE_RESPONSES, ITEM_RESPONSES, LIST_RESPONSES
 from computeplane.schemas.instances import InstanceCreate, InstanceList, InstanceOut
 from computeplane.services import instances
 from computeplane.services.create_requests import create_instance_request
@@ -17,6 +17,8 @@ from computeplane.services.instances import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, In
 router = APIRouter(prefix="/v1/compute/instances", tags=["Compute"])
 
 JSON = "application/json"
+
+InstanceId = Annotated[str, Path(alias="id", min_length=1, description="The instance's id.")]
 
 
 @router.post("", status_code=201, response_model=InstanceOut, responses=CREATE_RESPONSES)
@@ -38,7 +40,7 @@ async def create_instance(
     return Response(stored.body, status_code=stored.status_code, media_type=JSON, headers=headers)
 
 
-@router.get("", response_model=InstanceList, responses=READ_RESPONSES)
+@router.get("", response_model=InstanceList, responses=LIST_RESPONSES)
 async def list_instances(
     principal: ComputeAdmin,
     context: Context,
@@ -58,14 +60,18 @@ async def list_instances(
     return Response(_dump_list(body), media_type=JSON)
 
 
-@router.get("/{instance_id}", response_model=InstanceOut, responses=READ_RESPONSES)
-async def get_instance(instance_id: str, principal: ComputeAdmin, context: Context) -> Response:
+@router.get("/{id}", response_model=InstanceOut, responses=ITEM_RESPONSES)
+async def get_instance(
+    instance_id: InstanceId, principal: ComputeAdmin, context: Context
+) -> Response:
     view = await instances.get_instance(context, principal, instance_id)
     return Response(render_instance(view), media_type=JSON)
 
 
-@router.delete("/{instance_id}", status_code=204, responses=DELETE_RESPONSES)
-async def delete_instance(instance_id: str, principal: ComputeAdmin, context: Context) -> Response:
+@router.delete("/{id}", status_code=204, responses=ITEM_RESPONSES)
+async def delete_instance(
+    instance_id: InstanceId, principal: ComputeAdmin, context: Context
+) -> Response:
     """Delete the instance: it disappears at once and its node tears it down."""
     await instances.delete_instance(context, principal, instance_id)
     return Response(status_code=204)
