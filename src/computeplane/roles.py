@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -110,7 +111,9 @@ async def worker(settings: Settings) -> None:
 
 async def agent(settings: Settings, control_plane_url: str, node_token: str) -> None:
     """Run one node's agent with the local runtime, talking to the control plane over HTTP."""
-    runtime = LocalRuntime(local_runtime_config(settings, "agent"))
+    # Keyed by the token, so several agents on one machine never share instance state.
+    state_name = "agent-" + hashlib.sha256(node_token.encode()).hexdigest()[:16]
+    runtime = LocalRuntime(local_runtime_config(settings, state_name))
     client = ControlPlaneClient(control_plane_url, node_token)
     node_agent = NodeAgent(
         "unregistered",
@@ -132,6 +135,7 @@ def local_runtime_config(settings: Settings, node_name: str) -> LocalRuntimeConf
         address_dir=settings.data_dir / "addresses",
         address_pool=ipaddress.IPv4Network(settings.local_address_pool),
         ssh_port=settings.local_ssh_port,
+        start_delay_seconds=settings.local_start_delay_seconds,
     )
 
 

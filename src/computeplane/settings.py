@@ -52,6 +52,7 @@ class Settings(BaseSettings):
 
     local_address_pool: str = "127.77.0.0/16"
     local_ssh_port: int = Field(default=2222, ge=1, le=65535)
+    local_start_delay_seconds: float = Field(default=0.0, ge=0)
 
     max_request_bytes: int = Field(default=65536, ge=1024)
     request_head_timeout_seconds: float = Field(default=10.0, gt=0)

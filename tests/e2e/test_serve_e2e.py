@@ -1,7 +1,7 @@
 """End-to-end tests of ``computeplane serve`` with the system OpenSSH client.
 
 Every server is a real process with its own data directory, HTTP port, SSH port and /24
-loopback pool, picked per server (see ``serve_process``), so parallel runs do not share
+loopback pool, picked per server (see ``support.processes``), so parallel runs do not share
 endpoints in practice. Checks
 that leave no lasting state share one server per database; tests that stop the server or
 need the whole fleet free start their own.
@@ -25,9 +25,9 @@ from typing import Any
 
 import httpx
 import pytest
-from serve_process import ServeServer, running_serve
 
 from support.postgres import PostgresServer
+from support.processes import ServeServer, running_serve
 
 SSH = "/usr/bin/ssh"
 SCP = "/usr/bin/scp"

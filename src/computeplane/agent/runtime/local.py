@@ -48,6 +48,8 @@ class LocalRuntimeConfig:
     the machine. ``address_pool`` is the network whose host addresses instances get; on
     Linux every 127.0.0.0/8 address is usable without setup. ``ssh_port`` is the TCP port
     each instance listens on, and ``ssh_user`` the only user name that may log in.
+    ``start_delay_seconds`` makes every new instance wait that long before it starts, to
+    stand in for the provisioning time of a real host.
     """
 
     state_dir: Path
@@ -55,6 +57,7 @@ class LocalRuntimeConfig:
     address_pool: ipaddress.IPv4Network = DEFAULT_ADDRESS_POOL
     ssh_port: int = 2222
     ssh_user: str = "ubuntu"
+    start_delay_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class LocalRuntime(Runtime):
         if state.has_record():
             instance = await self._restore(spec, state, authorized_keys)
         else:
+            await asyncio.sleep(self.config.start_delay_seconds)
             instance = await self._create(spec, state, authorized_keys)
         self._running[spec.instance_id] = instance
         return instance.endpoint
