@@ -92,16 +92,21 @@ class RequestContextMiddleware:
         """Read the whole body before the app runs, within the size and time limits.
 
         Reading it here keeps both limits in one place: the framework would turn an error
-        raised while it reads the body into a generic 400.
+        raised while it reads the body into a generic 400. The time limit covers the whole
+        body, so a client cannot stretch it by trickling bytes.
         """
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                return await self._read_chunks(receive)
+        except TimeoutError:
+            raise _BodyTimeout() from None
+
+    async def _read_chunks(self, receive: Receive) -> bytes:
         chunks: list[bytes] = []
         received = 0
         more_body = True
         while more_body:
-            try:
-                message = await asyncio.wait_for(receive(), self.body_timeout)
-            except TimeoutError:
-                raise _BodyTimeout() from None
+            message = await receive()
             if message["type"] != "http.request":
                 raise _ClientGone()
             chunk = message.get("body", b"")
