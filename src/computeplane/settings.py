@@ -64,6 +64,13 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=20, ge=0)
 
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        if value:
+            normalize_database_url(value)
+        return value
+
     @field_validator("local_address_pool")
     @classmethod
     def _check_loopback_pool(cls, value: str) -> str:

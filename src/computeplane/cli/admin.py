@@ -125,17 +125,20 @@ def list_keys(data_dir: DataDirOption = None, database_url: DatabaseUrlOption = 
     keys = _with_context(
         data_dir, database_url, lambda context: accounts.list_keys(context.database)
     )
-    table = Table("KEY ID", "SCOPE", "USER", "ORGANIZATION", "CREATED", "REVOKED")
-    for key in keys:
-        table.add_row(
-            key.key_id,
-            key.scope,
-            key.user_nickname,
-            key.organization_name,
-            _time(key.created_at),
-            _time(key.revoked_at),
-        )
-    stdout.print(table)
+    _print_table(
+        ["KEY ID", "SCOPE", "USER", "ORGANIZATION", "CREATED", "REVOKED"],
+        [
+            [
+                key.key_id,
+                key.scope,
+                key.user_nickname,
+                key.organization_name,
+                _time(key.created_at),
+                _time(key.revoked_at),
+            ]
+            for key in keys
+        ],
+    )
 
 
 @nodes_app.command("add")
@@ -163,32 +166,35 @@ def list_nodes(data_dir: DataDirOption = None, database_url: DatabaseUrlOption =
     summaries = _with_context(
         data_dir, database_url, lambda context: nodes.list_nodes(context.database)
     )
-    table = Table(
-        "NAME",
-        "REGION",
-        "SECTOR",
-        "GPUS",
-        "FREE",
-        "USED",
-        "INSTANCES",
-        "STATE",
-        "AGENT",
-        "LAST HEARTBEAT",
+    _print_table(
+        [
+            "NAME",
+            "REGION",
+            "SECTOR",
+            "GPUS",
+            "FREE",
+            "USED",
+            "INSTANCES",
+            "STATE",
+            "AGENT",
+            "LAST HEARTBEAT",
+        ],
+        [
+            [
+                node.name,
+                node.region,
+                node.sector or "-",
+                str(node.gpu_count),
+                str(node.gpus_free),
+                str(node.gpu_count - node.gpus_free),
+                str(node.instance_count),
+                node.state,
+                "reporting" if node.reachable else "silent",
+                _time(node.last_heartbeat_at),
+            ]
+            for node in summaries
+        ],
     )
-    for node in summaries:
-        table.add_row(
-            node.name,
-            node.region,
-            node.sector or "-",
-            str(node.gpu_count),
-            str(node.gpus_free),
-            str(node.gpu_count - node.gpus_free),
-            str(node.instance_count),
-            node.state,
-            "reporting" if node.reachable else "silent",
-            _time(node.last_heartbeat_at),
-        )
-    stdout.print(table)
 
 
 @nodes_app.command("drain")
@@ -214,6 +220,23 @@ def remove_node(
         data_dir, database_url, lambda context: nodes.remove_node(context, name, force=force)
     )
     typer.echo(f"node {name} removed", err=True)
+
+
+def _print_table(headers: list[str], rows: list[list[str]]) -> None:
+    """Print a table for people on a terminal, or tab-separated lines for other programs.
+
+    Neither form ever shortens a value, so an id printed here can be passed to another command.
+    """
+    if not stdout.is_terminal:
+        for row in [headers, *rows]:
+            typer.echo("\t".join(row))
+        return
+    table = Table()
+    for header in headers:
+        table.add_column(header, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    stdout.print(table)
 
 
 def _time(value: datetime | None) -> str:
