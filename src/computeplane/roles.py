@@ -185,7 +185,7 @@ async def _run_http(
         while not server.should_exit and not serving.done():  # noqa: ASYNC110
             await asyncio.sleep(0.1)
     finally:
-        # Stop the embedded agents and answer pending long-polls first, so the server's
+        # Stop the embedded agents and end pending long-polls first, so the server's
         # graceful shutdown does not wait for them.
         await _cancel(started)
         context.notifier.shutdown()

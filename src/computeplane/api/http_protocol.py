@@ -1,7 +1,7 @@
 """uvicorn's HTTP protocol with a deadline for receiving a request's headers.
 
 uvicorn closes idle keep-alive connections but sets no deadline on a request head that is
-still arriving, so a client that sends headers one byte at a time holds its connection
+still arriving, so a client that sends headers one byte at a time keeps its connection
 forever. This protocol closes any connection whose request line and headers take longer
 than ``head_timeout`` seconds, counted from the connection or from the end of the previous
 response. The body has its own deadline in ``RequestContextMiddleware``.

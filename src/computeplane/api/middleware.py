@@ -38,7 +38,7 @@ class RequestContextMiddleware:
     The id goes to the ``X-Request-Id`` response header, to every log line of the request
     and to error bodies. A body larger than ``max_body_bytes`` gets 413, and one that takes
     longer than ``body_timeout`` seconds to arrive gets 408, so slow clients cannot hold a
-    request open forever. An unexpected exception is logged with its traceback and answered
+    request open forever. An unexpected exception is logged with its traceback and gets
     with a 500 in the error envelope.
     """
 

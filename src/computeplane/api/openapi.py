@@ -40,7 +40,7 @@ ITEM_RESPONSES = _errors(*_COMMON, 404)
 def install_openapi(app: FastAPI) -> None:
     """Serve a document without FastAPI's default 422 validation response.
 
-    Request validation errors are answered with 400 in the error envelope instead, so the
+    Request validation errors get a 400 in the error envelope instead, so the
     default entry would document a response that never occurs.
     """
 

@@ -28,7 +28,7 @@ from computeplane.store.models import GpuAllocation, Instance, Node
 
 logger = logging.getLogger(__name__)
 
-#: Longest a long-poll trusts wake-ups alone before it reads the version again.
+#: Maximum seconds a long-poll waits for a wake-up before it reads the version again.
 RECHECK_SECONDS = 1.0
 
 
@@ -94,8 +94,8 @@ async def wait_for_desired_state(
 ) -> DesiredState:
     """Return the node's desired state once its version differs from ``after_version``.
 
-    Waits at most ``wait_seconds`` and then returns the unchanged state, so an agent's
-    request never hangs longer than it asked.
+    Waits at most ``wait_seconds`` (plus one database read) and then returns the unchanged
+    state, so an agent's request returns within about the wait it requested.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_seconds

@@ -1,4 +1,4 @@
-"""Compute instances as the API sees them: create, read, list and delete."""
+"""Compute instances as the API exposes them: create, read, list and delete."""
 
 from __future__ import annotations
 
@@ -207,7 +207,7 @@ async def _check_quota(session: AsyncSession, principal: Principal, gpu_count: i
     )
     if int(held or 0) + gpu_count > organization.gpu_quota:
         raise QuotaExceeded(
-            f"Organization '{organization.name}' holds {held} of its {organization.gpu_quota} "
+            f"Organization '{organization.name}' uses {held} of its {organization.gpu_quota} "
             f"GPU quota; this instance needs {gpu_count} more. Delete instances or ask the "
             "operator for a larger quota."
         )

@@ -68,7 +68,7 @@ async def sync_fleet(database: Database, specs: list[NodeSpec]) -> dict[str, str
     """Create or update the fleet file's nodes and return a fresh agent token for each.
 
     Nodes that are not in the file are left alone. Raises ConflictError for a change to a
-    node that still holds instances.
+    node that still has instances.
     """
     tokens = {spec.name: new_token() for spec in specs}
     async with database.write() as session:
@@ -79,7 +79,7 @@ async def sync_fleet(database: Database, specs: list[NodeSpec]) -> dict[str, str
                 continue
             if _differs(node, spec) and await _unreleased_count(session, node.id):
                 raise ConflictError(
-                    f"Node '{spec.name}' changed in the fleet file but still holds "
+                    f"Node '{spec.name}' changed in the fleet file but still has "
                     "instances; delete them first or restore its old definition."
                 )
             _apply_spec(node, spec)
@@ -127,7 +127,7 @@ async def drain_node(database: Database, name: str) -> None:
 async def remove_node(context: ServiceContext, name: str, *, force: bool = False) -> None:
     """Remove the node and invalidate its token.
 
-    Without ``force``, raises ConflictError while the node holds instances. With it, the
+    Without ``force``, raises ConflictError while the node has instances. With it, the
     node's instances stop with reason ``node_removed`` and their GPUs are released, because
     no agent will ever confirm their teardown.
     """
@@ -136,7 +136,7 @@ async def remove_node(context: ServiceContext, name: str, *, force: bool = False
         held = await _unreleased_count(session, node.id)
         if held and not force:
             raise ConflictError(
-                f"Node '{name}' holds {held} instances; delete them, or remove it with "
+                f"Node '{name}' has {held} instances; delete them, or remove it with "
                 "--force to stop them.",
                 code="node_busy",
             )
@@ -199,7 +199,7 @@ def _differs(node: Node, spec: NodeSpec) -> bool:
 
 
 def _apply_spec(node: Node, spec: NodeSpec) -> None:
-    """Copy the spec onto a node that holds no GPUs, or whose spec is unchanged."""
+    """Copy the spec onto a node that has no allocated GPUs, or whose spec is unchanged."""
     if _differs(node, spec):
         node.region = spec.region.value
         node.sector = spec.sector.value if spec.sector else None

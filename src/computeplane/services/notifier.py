@@ -26,7 +26,7 @@ class DesiredStateNotifier:
         return self._closing.is_set()
 
     def shutdown(self) -> None:
-        """Release all current and future waiters, so long-polls answer before shutdown."""
+        """Release all current and future waiters, so long-polls return before shutdown."""
         self._closing.set()
         self.wake_local(list(self._events))
 

@@ -46,7 +46,7 @@ def idempotency_policy(context: ServiceContext) -> idempotency.IdempotencyPolicy
 
 
 def worker_identity() -> str:
-    """Return a lease owner name that tells operators which process holds a lease."""
+    """Return a lease owner name that identifies the process for operators."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
