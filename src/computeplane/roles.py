@@ -169,7 +169,7 @@ async def _run_http(
         log_config=None,
         http=head_timeout_protocol(settings.request_head_timeout_seconds),
         limit_concurrency=settings.max_connections,
-        timeout_keep_alive=5,
+        timeout_keep_alive=settings.keep_alive_timeout_seconds,
         timeout_graceful_shutdown=5,
         server_header=False,
     )

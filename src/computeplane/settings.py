@@ -56,6 +56,9 @@ class Settings(BaseSettings):
 
     max_request_bytes: int = Field(default=65536, ge=1024)
     request_head_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Longer than the idle timeout of common HTTP clients (httpx: 5 s), so a client never
+    # reuses a connection at the moment the server closes it.
+    keep_alive_timeout_seconds: int = Field(default=75, ge=1)
     request_body_timeout_seconds: float = Field(default=30.0, gt=0)
     max_connections: int = Field(default=2048, ge=1)
     rate_limit_requests: int = Field(default=600, ge=0)

@@ -3,8 +3,9 @@
 uvicorn closes idle keep-alive connections but sets no deadline on a request head that is
 still arriving, so a client that sends headers one byte at a time keeps its connection
 forever. This protocol closes any connection whose request line and headers take longer
-than ``head_timeout`` seconds, counted from the connection or from the end of the previous
-response. The body has its own deadline in ``RequestContextMiddleware``.
+than ``head_timeout`` seconds, counted from the connection for its first request and from
+the first byte of each later one. Between requests, uvicorn's keep-alive timeout applies.
+The body has its own deadline in ``RequestContextMiddleware``.
 """
 
 from __future__ import annotations
@@ -36,14 +37,14 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
         self._disarm_head_deadline()
         super().connection_lost(exc)
 
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._head_deadline is None:
+            self._arm_head_deadline()
+
     def on_headers_complete(self) -> None:
         self._disarm_head_deadline()
         super().on_headers_complete()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm_head_deadline()
 
     def _arm_head_deadline(self) -> None:
         self._disarm_head_deadline()
