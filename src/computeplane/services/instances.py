@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from computeplane.domain.catalog import InstanceType, Sector
@@ -187,30 +187,35 @@ async def delete_instance(context: ServiceContext, principal: Principal, public_
 async def _check_quota(session: AsyncSession, principal: Principal, gpu_count: int) -> None:
     """Raise QuotaExceeded if the organization's held GPUs plus ``gpu_count`` pass its quota.
 
-    GPUs count until their node releases them, deleted instances included. The organization
-    row is locked so that concurrent creates of one organization are judged one at a time.
+    GPUs count until their node releases them, deleted instances included. An organization
+    with a quota has its row locked, so its concurrent creates are judged one at a time;
+    one without a quota takes no lock, so its creates run in parallel.
     """
-    organization = (
-        await session.execute(
-            select(Organization)
-            .where(Organization.id == principal.organization_id)
-            .with_for_update()
-        )
-    ).scalar_one()
-    if organization.gpu_quota is None:
+    organization_id = principal.organization_id
+    if await session.scalar(_quota_of(organization_id)) is None:
         return
 
-    held = await session.scalar(
-        select(func.coalesce(func.sum(Instance.gpu_count), 0)).where(
-            Instance.organization_id == organization.id, Instance.released_at.is_(None)
+    quota = await session.scalar(_quota_of(organization_id).with_for_update())
+    if quota is None:
+        return
+    held = int(
+        await session.scalar(
+            select(func.coalesce(func.sum(Instance.gpu_count), 0)).where(
+                Instance.organization_id == organization_id, Instance.released_at.is_(None)
+            )
         )
+        or 0
     )
-    if int(held or 0) + gpu_count > organization.gpu_quota:
+    if held + gpu_count > quota:
         raise QuotaExceeded(
-            f"Organization '{organization.name}' uses {held} of its {organization.gpu_quota} "
-            f"GPU quota; this instance needs {gpu_count} more. Delete instances or ask the "
+            f"Organization '{principal.organization_name}' uses {held} of its {quota} GPU "
+            f"quota; this instance needs {gpu_count} more. Delete instances or ask the "
             "operator for a larger quota."
         )
+
+
+def _quota_of(organization_id: int) -> Select[int | None]:
+    return select(Organization.gpu_quota).where(Organization.id == organization_id)
 
 
 async def _visible_instance(

@@ -8,8 +8,8 @@ Rules:
 - Without a requested sector, nodes outside sectors come first, so that whole InfiniBand
   nodes stay free for the requests that need them.
 
-Safety: a node's ``gpus_free`` counter is taken with a conditional UPDATE, which PostgreSQL
-row-locks and re-checks under concurrency, and the GPU indices are then read under that lock.
+Safety: the chosen node's row is locked, its ``gpus_free`` counter is taken with a
+conditional UPDATE, and the GPU indices are then read under that lock.
 The ``UNIQUE(node_id, gpu_index)`` constraint on ``gpu_allocations`` is the last word: a
 conflicting insert rolls back to a savepoint and placement moves on to the next candidate. A
 node whose counter promises more GPUs than it has free is skipped the same way.
@@ -31,9 +31,8 @@ from computeplane.store.models import GpuAllocation, Instance, Node
 
 logger = logging.getLogger(__name__)
 
-#: Nodes fetched per candidate query; more are fetched while candidates keep losing races.
-CANDIDATE_BATCH = 8
-MAX_CANDIDATE_ROUNDS = 4
+#: Nodes one create tries per candidate group before it gives up on the group.
+MAX_ATTEMPTS_PER_GROUP = 16
 
 
 @dataclass(frozen=True)
@@ -69,23 +68,22 @@ async def place(
     InsufficientCapacity, naming where capacity does exist, when no node has room.
     """
     spec = instance_type.spec
-    for group in _candidate_groups(spec, sector):
+    for group in _candidate_groups(sector):
         tried: set[int] = set()
-        for _ in range(MAX_CANDIDATE_ROUNDS):
-            candidates = await _candidates(session, spec, group, exclude=tried)
-            if not candidates:
+        for _ in range(MAX_ATTEMPTS_PER_GROUP):
+            node = await _lock_candidate(session, spec, group, tried)
+            if node is None:
                 break
-            for node in candidates:
-                tried.add(node.id)
-                placed = await _try_node(session, node, spec, make_instance)
-                if placed is not None:
-                    return placed
+            tried.add(node.id)
+            placed = await _try_node(session, node, spec, make_instance)
+            if placed is not None:
+                return placed
 
     message = await _capacity_message(session, instance_type, sector, retry_after)
     raise InsufficientCapacity(message, retry_after=retry_after)
 
 
-def _candidate_groups(spec: InstanceTypeSpec, sector: Sector | None) -> list[ColumnElement[bool]]:
+def _candidate_groups(sector: Sector | None) -> list[ColumnElement[bool]]:
     if sector is not None:
         return [Node.sector == sector.value]
     return [Node.sector.is_(None), Node.sector.is_not(None)]
@@ -97,22 +95,35 @@ def _fits(spec: InstanceTypeSpec) -> ColumnElement[bool]:
     return Node.gpus_free >= spec.gpu_count
 
 
-async def _candidates(
-    session: AsyncSession,
-    spec: InstanceTypeSpec,
-    group: ColumnElement[bool],
-    *,
-    exclude: set[int],
-) -> list[Node]:
+async def _lock_candidate(
+    session: AsyncSession, spec: InstanceTypeSpec, group: ColumnElement[bool], tried: set[int]
+) -> Node | None:
+    """Return the best node of the group that fits and is not in ``tried``, row-locked.
+
+    On PostgreSQL the first query skips nodes that other creates have locked, so concurrent
+    creates spread over nodes instead of queueing on the best one. Only when every fitting
+    node is locked does the second query wait; PostgreSQL re-checks a row once its lock is
+    released and moves on to the next fitting one if it no longer fits. SQLite runs one write
+    transaction at a time, so there one plain query suffices.
+    """
     query = (
         select(Node)
         .where(Node.state == "active", Node.gpu_model == spec.gpu_model, group, _fits(spec))
         .order_by(Node.gpus_free, Node.id)
-        .limit(CANDIDATE_BATCH)
+        .limit(1)
     )
-    if exclude:
-        query = query.where(Node.id.not_in(exclude))
-    return list((await session.execute(query)).scalars().all())
+    if tried:
+        query = query.where(Node.id.not_in(tried))
+
+    if session.get_bind().dialect.name == "sqlite":
+        return (await session.execute(query)).scalar_one_or_none()
+
+    for skip_locked in (True, False):
+        result = await session.execute(query.with_for_update(skip_locked=skip_locked))
+        node = result.scalar_one_or_none()
+        if node is not None:
+            return node
+    return None
 
 
 async def _try_node(

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -56,6 +57,11 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+_ACTIVE_UNSECTORED = text("state = 'active' AND sector IS NULL")
+_ACTIVE_SECTORED = text("state = 'active' AND sector IS NOT NULL")
+_VISIBLE = text("deleted_at IS NULL")
 
 
 class Base(DeclarativeBase):
@@ -136,7 +142,23 @@ class Node(Base):
         CheckConstraint("gpu_count BETWEEN 1 AND 8", name="gpu_count_range"),
         CheckConstraint("gpus_free BETWEEN 0 AND gpu_count", name="gpus_free_range"),
         CheckConstraint("state IN ('active', 'draining', 'removed')", name="state_known"),
+        # Placement reads one candidate group at a time in (gpus_free, id) order: nodes of
+        # one sector, nodes outside sectors, or nodes in any sector.
         Index("ix_nodes_placement", "state", "sector", "gpus_free", "id"),
+        Index(
+            "ix_nodes_placement_unsectored",
+            "gpus_free",
+            "id",
+            postgresql_where=_ACTIVE_UNSECTORED,
+            sqlite_where=_ACTIVE_UNSECTORED,
+        ),
+        Index(
+            "ix_nodes_placement_sectored",
+            "gpus_free",
+            "id",
+            postgresql_where=_ACTIVE_SECTORED,
+            sqlite_where=_ACTIVE_SECTORED,
+        ),
         Index("ix_nodes_heartbeat", "reachable", "last_heartbeat_at"),
     )
 
@@ -183,7 +205,13 @@ class Instance(Base):
     node: Mapped[Node] = relationship(lazy="joined", innerjoin=True)
 
     __table_args__ = (
-        Index("ix_instances_listing", "organization_id", "deleted_at", "id"),
+        Index(
+            "ix_instances_visible",
+            "organization_id",
+            "id",
+            postgresql_where=_VISIBLE,
+            sqlite_where=_VISIBLE,
+        ),
         Index("ix_instances_deadline", "status", "provisioning_deadline"),
         Index("ix_instances_node_unreleased", "node_id", "released_at"),
         Index("ix_instances_quota", "organization_id", "released_at"),
