@@ -232,7 +232,13 @@ class LocalRuntime(Runtime):
         """Claim addresses until one has a free SSH port, releasing those that do not."""
         in_use: list[ipaddress.IPv4Address] = []
         for _ in range(_MAX_BIND_ATTEMPTS):
-            ip = self._claims.claim(spec.instance_id, exclude=in_use)
+            try:
+                ip = self._claims.claim(spec.instance_id, exclude=in_use)
+            except RuntimeFailure:
+                if not in_use:
+                    raise
+                # The pool ran out because of busy ports, not claims: say so.
+                break
             server = self._new_server(spec, state, authorized_keys, host_key)
             try:
                 state.write_record(self._record(spec, ip))
