@@ -215,8 +215,11 @@ class NodeAgent:
     async def _report_loop(self) -> None:
         backoff = _Backoff()
         while True:
+            # asyncio.timeout, unlike wait_for on Python 3.11, never swallows a cancellation
+            # that arrives together with the event.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._report_needed.wait(), self._heartbeat_seconds)
+                async with asyncio.timeout(self._heartbeat_seconds):
+                    await self._report_needed.wait()
             if self._applied_version is None:
                 continue
             self._report_needed.clear()

@@ -175,6 +175,15 @@ async def _reconcile(
 
     if seen.state == ObservedState.RUNNING:
         instance.ip, instance.ssh_port = seen.ip, seen.ssh_port
+        if status == InstanceStatus.PENDING:
+            # A start that finished between two reports still went through provisioning.
+            await lifecycle.change_status(
+                session,
+                instance,
+                InstanceStatus.PROVISIONING,
+                StatusReason.AGENT_STARTING,
+                actor=actor,
+            )
         await lifecycle.change_status(
             session, instance, InstanceStatus.READY, StatusReason.AGENT_RUNNING, actor=actor
         )

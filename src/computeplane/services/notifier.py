@@ -54,7 +54,8 @@ class DesiredStateNotifier:
         if event is None:
             event = self._events[node_id] = asyncio.Event()
         try:
-            await asyncio.wait_for(event.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await event.wait()
         except TimeoutError:
             return False
         return True

@@ -77,5 +77,6 @@ async def run_workers(context: ServiceContext, stop: asyncio.Event | None = None
         warming_up = loop.time() < heartbeats_from
         await run_steps_once(context, owner, skip=_HEARTBEATS if warming_up else frozenset())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval)
+            async with asyncio.timeout(interval):
+                await stop.wait()
     logger.info("workers stopped")

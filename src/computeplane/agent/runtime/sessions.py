@@ -253,7 +253,8 @@ async def _wait_and_drain_pty(
 ) -> int:
     returncode = await child.wait()
     try:
-        await asyncio.wait_for(process.stdout.drain(), _PTY_DRAIN_SECONDS)
+        async with asyncio.timeout(_PTY_DRAIN_SECONDS):
+            await process.stdout.drain()
     except TimeoutError:
         logger.debug("PTY output still open after the shell exited; hanging up")
     return returncode

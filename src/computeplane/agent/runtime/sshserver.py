@@ -99,7 +99,8 @@ class InstanceSSHServer:
             waits.append(self._acceptor.wait_closed())
             self._acceptor = None
         if waits:
-            await asyncio.wait_for(asyncio.gather(*waits), _CLOSE_TIMEOUT_SECONDS)
+            async with asyncio.timeout(_CLOSE_TIMEOUT_SECONDS):
+                await asyncio.gather(*waits)
 
     def _create_auth_server(self) -> _InstanceAuthServer:
         return _InstanceAuthServer(self.context.user, self._authorized_keys, self._connections)
