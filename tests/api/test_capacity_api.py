@@ -23,6 +23,7 @@ from computeplane.services.context import ServiceContext
 from computeplane.store.database import Database
 from computeplane.store.models import GpuAllocation, Instance, InstanceEvent, Node, Organization
 from conftest import Keys, add_nodes, make_key, node
+from support.inventory import counter_mismatches, gpus_free, shared_gpus
 
 INSTANCES = "/v1/compute/instances"
 ONE = "gpu_1x_h100_sxm5"
@@ -85,39 +86,6 @@ async def node_of(database: Database, public_id: str) -> str:
         )
     assert name is not None, f"instance {public_id} is not stored"
     return name
-
-
-async def gpus_free(database: Database) -> dict[str, int]:
-    async with database.read() as session:
-        rows = await session.execute(select(Node.name, Node.gpus_free))
-        return {name: free for name, free in rows.all()}
-
-
-async def counter_mismatches(database: Database) -> dict[str, tuple[int, int]]:
-    """Return ``{node: (gpus_free, gpu_count - allocation rows)}`` for every node that differs."""
-    async with database.read() as session:
-        counted = await session.execute(
-            select(GpuAllocation.node_id, func.count()).group_by(GpuAllocation.node_id)
-        )
-        used = {node_id: count for node_id, count in counted.all()}
-        nodes = (await session.execute(select(Node))).scalars().all()
-    mismatches = {}
-    for item in nodes:
-        expected = item.gpu_count - used.get(item.id, 0)
-        if item.gpus_free != expected:
-            mismatches[item.name] = (item.gpus_free, expected)
-    return mismatches
-
-
-async def shared_gpus(database: Database) -> list[tuple[int, int]]:
-    """Return every (node id, GPU index) pair held by more than one allocation row."""
-    async with database.read() as session:
-        rows = await session.execute(
-            select(GpuAllocation.node_id, GpuAllocation.gpu_index)
-            .group_by(GpuAllocation.node_id, GpuAllocation.gpu_index)
-            .having(func.count() > 1)
-        )
-        return [(node_id, index) for node_id, index in rows.all()]
 
 
 async def allocations_by_node(database: Database) -> dict[str, list[tuple[int, int]]]:

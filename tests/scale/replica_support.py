@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +19,12 @@ from typing import Any
 import httpx
 
 from support.processes import (
-    POLL_INTERVAL_SECONDS,
     READY_TIMEOUT_SECONDS,
     ComputeplaneProcess,
     computeplane_environment,
     free_port,
     run_computeplane,
+    wait_until_serving,
 )
 
 INSTANCES = "/v1/compute/instances"
@@ -113,37 +112,10 @@ def initialize_database(data_dir: Path, database_url: str, env: Mapping[str, str
 
 
 def wait_until_ready(
-    process: ComputeplaneProcess,
-    base_url: str,
-    admin_key: str,
-    timeout: float = READY_TIMEOUT_SECONDS,
+    process: ComputeplaneProcess, base_url: str, timeout: float = READY_TIMEOUT_SECONDS
 ) -> None:
-    """Poll ``GET /v1/compute/instances`` until it returns 200.
-
-    Raises AssertionError if the process exits or the deadline passes first.
-    """
-    deadline = time.monotonic() + timeout
-    last_outcome = "no request was answered"
-    with httpx.Client(base_url=base_url, timeout=10.0) as client:
-        while True:
-            if not process.running:
-                raise AssertionError(
-                    f"{process.name} exited before it was ready: {process.describe()}"
-                )
-            try:
-                response = client.get(INSTANCES, headers={"Authorization": f"Key {admin_key}"})
-            except httpx.HTTPError as error:
-                last_outcome = f"request failed: {error!r}"
-            else:
-                if response.status_code == 200:
-                    return
-                last_outcome = f"status {response.status_code}: {response.text}"
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"{process.name} was not ready within {timeout:.0f} s "
-                    f"(last: {last_outcome}): {process.describe()}"
-                )
-            time.sleep(POLL_INTERVAL_SECONDS)
+    """Wait until the API process serves HTTP; raise AssertionError if it exits first."""
+    wait_until_serving(process, base_url, timeout)
 
 
 @contextlib.contextmanager
@@ -190,7 +162,7 @@ def running_replicas(
 
         replicas = ReplicaSet(database_url, data_dir, processes, base_urls)
         for process, base_url in zip(processes, base_urls, strict=True):
-            wait_until_ready(process, base_url, replicas.admin_key())
+            wait_until_ready(process, base_url)
         yield replicas
     finally:
         for process in reversed(processes):

@@ -40,6 +40,7 @@ from computeplane.store.models import (
     Organization,
 )
 from conftest import add_nodes, make_key, node
+from support.inventory import counter_mismatches, shared_gpus
 from support.postgres import PostgresServer
 
 pytestmark = pytest.mark.e2e
@@ -160,33 +161,6 @@ async def organization_id(database: Database, name: str) -> int:
         found = await session.scalar(select(Organization.id).where(Organization.name == name))
     assert found is not None, f"organization {name} is not stored"
     return int(found)
-
-
-async def shared_gpus(database: Database) -> list[tuple[int, int, int]]:
-    """Return every (node id, GPU index, rows) held by more than one allocation row."""
-    async with database.read() as session:
-        rows = await session.execute(
-            select(GpuAllocation.node_id, GpuAllocation.gpu_index, func.count())
-            .group_by(GpuAllocation.node_id, GpuAllocation.gpu_index)
-            .having(func.count() > 1)
-        )
-        return [(node_id, index, count) for node_id, index, count in rows.all()]
-
-
-async def counter_mismatches(database: Database) -> dict[str, tuple[int, int]]:
-    """Return ``{node: (gpus_free, gpu_count - allocation rows)}`` for every node that differs."""
-    async with database.read() as session:
-        counted = await session.execute(
-            select(GpuAllocation.node_id, func.count()).group_by(GpuAllocation.node_id)
-        )
-        used = {node_id: count for node_id, count in counted.all()}
-        nodes = (await session.execute(select(Node))).scalars().all()
-    mismatches = {}
-    for item in nodes:
-        expected = item.gpu_count - used.get(item.id, 0)
-        if item.gpus_free != expected:
-            mismatches[item.name] = (item.gpus_free, expected)
-    return mismatches
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from computeplane.services.nodes import drain_node
 from computeplane.store.database import Database
 from computeplane.store.models import GpuAllocation, Instance, InstanceEvent, Node
 from conftest import add_nodes, make_key, node
+from support.inventory import counter_mismatches, gpus_free, shared_gpus
 
 ONE = InstanceType.GPU_1X_H100_SXM5
 EIGHT = InstanceType.GPU_8X_H100_SXM5
@@ -86,39 +87,6 @@ async def gpu_indices_of(database: Database, public_id: str) -> list[int]:
 async def node_row(database: Database, name: str) -> Node:
     async with database.read() as session:
         return (await session.execute(select(Node).where(Node.name == name))).scalar_one()
-
-
-async def gpus_free(database: Database) -> dict[str, int]:
-    async with database.read() as session:
-        rows = await session.execute(select(Node.name, Node.gpus_free))
-        return {name: free for name, free in rows.all()}
-
-
-async def counter_mismatches(database: Database) -> dict[str, tuple[int, int]]:
-    """Return ``{node: (gpus_free, gpu_count - allocation rows)}`` for every node that differs."""
-    async with database.read() as session:
-        counted = await session.execute(
-            select(GpuAllocation.node_id, func.count()).group_by(GpuAllocation.node_id)
-        )
-        used = {node_id: count for node_id, count in counted.all()}
-        nodes = (await session.execute(select(Node))).scalars().all()
-    mismatches = {}
-    for item in nodes:
-        expected = item.gpu_count - used.get(item.id, 0)
-        if item.gpus_free != expected:
-            mismatches[item.name] = (item.gpus_free, expected)
-    return mismatches
-
-
-async def shared_gpus(database: Database) -> list[tuple[int, int]]:
-    """Return every (node id, GPU index) pair held by more than one allocation row."""
-    async with database.read() as session:
-        rows = await session.execute(
-            select(GpuAllocation.node_id, GpuAllocation.gpu_index)
-            .group_by(GpuAllocation.node_id, GpuAllocation.gpu_index)
-            .having(func.count() > 1)
-        )
-        return [(node_id, index) for node_id, index in rows.all()]
 
 
 async def report_node(context: ServiceContext, name: str) -> None:

@@ -7,15 +7,12 @@ on ``/openapi.json``, which needs no key, so waiting spends no key's rate limit.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
+from support import processes
 from support.processes import (
-    POLL_INTERVAL_SECONDS,
     READY_TIMEOUT_SECONDS,
     ComputeplaneProcess,
     computeplane_environment,
@@ -95,29 +92,5 @@ class ApiServers:
 
 
 def wait_until_serving(server: ApiProcess, timeout: float = READY_TIMEOUT_SECONDS) -> None:
-    """Poll ``GET /openapi.json`` until it returns 200.
-
-    Raises AssertionError if the process exits or the deadline passes first.
-    """
-    deadline = time.monotonic() + timeout
-    last_outcome = "no request sent"
-    with httpx.Client(base_url=server.base_url, timeout=10.0) as client:
-        while True:
-            if not server.process.running:
-                raise AssertionError(
-                    f"computeplane api exited before serving: {server.process.describe()}"
-                )
-            try:
-                response = client.get("/openapi.json")
-            except httpx.HTTPError as error:
-                last_outcome = f"request failed: {error!r}"
-            else:
-                if response.status_code == 200:
-                    return
-                last_outcome = f"status {response.status_code}: {response.text}"
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"computeplane api did not serve within {timeout:.0f} s "
-                    f"(last: {last_outcome}): {server.process.describe()}"
-                )
-            time.sleep(POLL_INTERVAL_SECONDS)
+    """Wait until the API process serves HTTP; raise AssertionError if it exits first."""
+    processes.wait_until_serving(server.process, server.base_url, timeout)

@@ -216,6 +216,37 @@ class ComputeplaneProcess:
         return self._popen
 
 
+def wait_until_serving(
+    process: ComputeplaneProcess, base_url: str, timeout: float = READY_TIMEOUT_SECONDS
+) -> None:
+    """Poll ``GET /openapi.json``, which needs no key, until it returns 200.
+
+    Raises AssertionError if the process exits or the deadline passes first.
+    """
+    deadline = time.monotonic() + timeout
+    last_outcome = "no request was answered"
+    with httpx.Client(base_url=base_url, timeout=10.0) as client:
+        while True:
+            if not process.running:
+                raise AssertionError(
+                    f"{process.name} exited before it was serving: {process.describe()}"
+                )
+            try:
+                response = client.get("/openapi.json")
+            except httpx.HTTPError as error:
+                last_outcome = f"request failed: {error!r}"
+            else:
+                if response.status_code == 200:
+                    return
+                last_outcome = f"status {response.status_code}: {response.text}"
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{process.name} was not serving within {timeout:.0f} s "
+                    f"(last: {last_outcome}): {process.describe()}"
+                )
+            time.sleep(POLL_INTERVAL_SECONDS)
+
+
 class ServeServer:
     """``computeplane serve`` on a free port, with its own data directory and instance network.
 
@@ -277,34 +308,12 @@ class ServeServer:
         self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_SECONDS) -> None:
-        """Poll ``GET /v1/compute/instances`` until it returns 200; raise AssertionError if the
-        process exits or the deadline passes first."""
-        deadline = time.monotonic() + timeout
-        last_outcome = "the admin key file did not appear"
-        with httpx.Client(base_url=self.base_url, timeout=10.0) as client:
-            while True:
-                if not self.process.running:
-                    raise AssertionError(
-                        f"computeplane serve exited before it was ready: {self.process.describe()}"
-                    )
-                if self.admin_key_file.exists():
-                    try:
-                        response = client.get(
-                            "/v1/compute/instances",
-                            headers={"Authorization": f"Key {self.admin_key()}"},
-                        )
-                    except httpx.HTTPError as error:
-                        last_outcome = f"request failed: {error!r}"
-                    else:
-                        if response.status_code == 200:
-                            return
-                        last_outcome = f"status {response.status_code}: {response.text}"
-                if time.monotonic() > deadline:
-                    raise AssertionError(
-                        f"computeplane serve was not ready within {timeout:.0f} s "
-                        f"(last: {last_outcome}): {self.process.describe()}"
-                    )
-                time.sleep(POLL_INTERVAL_SECONDS)
+        """Wait until the server serves HTTP; raise AssertionError if it exits first.
+
+        ``serve`` writes the admin key file before it starts listening.
+        """
+        wait_until_serving(self.process, self.base_url, timeout)
+        assert self.admin_key_file.exists(), f"no admin key file: {self.process.describe()}"
 
     def stop(self) -> int | None:
         """Stop every process still running (SIGTERM, then SIGKILL).

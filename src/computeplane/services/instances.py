@@ -111,7 +111,9 @@ async def create_instance(
             make_instance,
             retry_after=settings.capacity_retry_after_seconds,
         )
-        await lifecycle.record_creation(session, instance, actor=f"user:{principal.user_nickname}")
+        await lifecycle.record_creation(
+            session, instance, node_name=choice.node_name, actor=f"user:{principal.user_nickname}"
+        )
         view = _view(instance, principal.user_nickname)
         if before_commit is not None:
             await before_commit(session, view)

@@ -20,14 +20,16 @@ from computeplane.store.models import GpuAllocation, Instance, InstanceEvent, No
 logger = logging.getLogger(__name__)
 
 
-async def record_creation(session: AsyncSession, instance: Instance, *, actor: str) -> None:
+async def record_creation(
+    session: AsyncSession, instance: Instance, *, node_name: str, actor: str
+) -> None:
     """Store the creation event of a newly placed instance."""
     check_transition(None, InstanceStatus(instance.status))
     await _add_event(session, instance, None, StatusReason.PLACED, None, actor)
     logger.info(
         "instance %s placed on node %s with %d GPUs (%s)",
         instance.public_id,
-        node_label(instance),
+        node_name,
         instance.gpu_count,
         instance.instance_type,
     )

@@ -8,8 +8,8 @@ Rules:
 - Without a requested sector, nodes outside sectors come first, so that whole InfiniBand
   nodes stay free for the requests that need them.
 
-Safety: the chosen node's row is locked, its ``gpus_free`` counter is taken with a
-conditional UPDATE, and the GPU indices are then read under that lock.
+Safety: the chosen node's ``gpus_free`` counter is taken with one conditional UPDATE, which
+locks the node's row, and the GPU indices are then read under that lock.
 The ``UNIQUE(node_id, gpu_index)`` constraint on ``gpu_allocations`` is the last word: a
 conflicting insert rolls back to a savepoint and placement moves on to the next candidate. A
 node whose counter promises more GPUs than it has free is skipped the same way.
@@ -17,6 +17,7 @@ node whose counter promises more GPUs than it has free is skipped the same way.
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,8 +32,10 @@ from computeplane.store.models import GpuAllocation, Instance, Node
 
 logger = logging.getLogger(__name__)
 
-#: Nodes one create tries per candidate group before it gives up on the group.
-MAX_ATTEMPTS_PER_GROUP = 16
+#: Attempts one create makes per candidate group before it gives up on the group. Every
+#: attempt either places the instance or waits for another create's commit, so the bound
+#: only matters when many creates race for the last free nodes.
+MAX_ATTEMPTS_PER_GROUP = 64
 
 
 @dataclass(frozen=True)
@@ -64,20 +67,19 @@ async def place(
 ) -> tuple[Instance, NodeChoice]:
     """Insert the instance built by ``make_instance`` on a node with room, with its GPUs.
 
-    Each attempt runs in a savepoint, so a lost race leaves nothing behind. Raises
-    InsufficientCapacity, naming where capacity does exist, when no node has room.
+    Each attempt runs in a savepoint, so a failed one leaves nothing behind and releases its
+    node lock. Raises InsufficientCapacity, naming where capacity does exist, when no node
+    has room.
     """
     spec = instance_type.spec
     for group in _candidate_groups(sector):
         tried: set[int] = set()
         for _ in range(MAX_ATTEMPTS_PER_GROUP):
-            node = await _lock_candidate(session, spec, group, tried)
-            if node is None:
+            outcome = await _attempt(session, spec, group, tried, make_instance)
+            if outcome is _GROUP_FULL:
                 break
-            tried.add(node.id)
-            placed = await _try_node(session, node, spec, make_instance)
-            if placed is not None:
-                return placed
+            if isinstance(outcome, tuple):
+                return outcome
 
     message = await _capacity_message(session, instance_type, sector, retry_after)
     raise InsufficientCapacity(message, retry_after=retry_after)
@@ -95,99 +97,147 @@ def _fits(spec: InstanceTypeSpec) -> ColumnElement[bool]:
     return Node.gpus_free >= spec.gpu_count
 
 
-async def _lock_candidate(
-    session: AsyncSession, spec: InstanceTypeSpec, group: ColumnElement[bool], tried: set[int]
-) -> Node | None:
-    """Return the best node of the group that fits and is not in ``tried``, row-locked.
+class _Outcome(enum.Enum):
+    GROUP_FULL = "group_full"
+    TRY_AGAIN = "try_again"
 
-    On PostgreSQL the first query skips nodes that other creates have locked, so concurrent
-    creates spread over nodes instead of queueing on the best one. Only when every fitting
-    node is locked does the second query wait; PostgreSQL re-checks a row once its lock is
-    released and moves on to the next fitting one if it no longer fits. SQLite runs one write
-    transaction at a time, so there one plain query suffices.
+
+_GROUP_FULL = _Outcome.GROUP_FULL
+_TRY_AGAIN = _Outcome.TRY_AGAIN
+
+Attempt = tuple[Instance, NodeChoice] | _Outcome
+
+
+async def _attempt(
+    session: AsyncSession,
+    spec: InstanceTypeSpec,
+    group: ColumnElement[bool],
+    tried: set[int],
+    make_instance: InstanceFactory,
+) -> Attempt:
+    """Take one node of the group and place the instance on it, inside a savepoint."""
+    taken: _TakenNode | None = None
+    try:
+        async with session.begin_nested():
+            taken_or_outcome = await _take_node(session, spec, group, tried)
+            if isinstance(taken_or_outcome, _Outcome):
+                return taken_or_outcome
+            taken = taken_or_outcome
+            tried.add(taken.id)
+            return await _insert_instance(session, spec, taken, make_instance)
+    except IntegrityError:
+        logger.warning(
+            "GPU allocation on node %s lost a race to another create; trying the next node",
+            taken.name if taken else "?",
+        )
+    except _CounterOutOfStep:
+        logger.error(
+            "node %s counts more free GPUs than it has unallocated; skipping it. "
+            "Its gpus_free column needs repair.",
+            taken.name if taken else "?",
+        )
+    return _TRY_AGAIN
+
+
+@dataclass(frozen=True)
+class _TakenNode:
+    id: int
+    name: str
+    region: str
+    sector: str | None
+    gpu_count: int
+    desired_version: int
+
+
+async def _take_node(
+    session: AsyncSession, spec: InstanceTypeSpec, group: ColumnElement[bool], tried: set[int]
+) -> _TakenNode | _Outcome:
+    """Take the GPUs of the best fitting node of the group with one conditional UPDATE.
+
+    The node is picked by a subquery ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so concurrent
+    creates spread over nodes instead of queueing on the best one, and a transaction never
+    holds one node while it waits for another. Only when every fitting node is locked does
+    it wait, for the best one, and then ``TRY_AGAIN`` follows if that node filled up
+    meanwhile. SQLite runs one write transaction at a time and ignores the locking clauses.
     """
-    query = (
-        select(Node)
+    candidates = (
+        select(Node.id)
         .where(Node.state == "active", Node.gpu_model == spec.gpu_model, group, _fits(spec))
         .order_by(Node.gpus_free, Node.id)
         .limit(1)
     )
     if tried:
-        query = query.where(Node.id.not_in(tried))
+        candidates = candidates.where(Node.id.not_in(tried))
 
-    if session.get_bind().dialect.name == "sqlite":
-        return (await session.execute(query)).scalar_one_or_none()
+    free_node = candidates.with_for_update(skip_locked=True).scalar_subquery()
+    taken = await _take_gpus(session, spec, Node.id == free_node)
+    if taken is not None:
+        return taken
 
-    for skip_locked in (True, False):
-        result = await session.execute(query.with_for_update(skip_locked=skip_locked))
-        node = result.scalar_one_or_none()
-        if node is not None:
-            return node
-    return None
-
-
-async def _try_node(
-    session: AsyncSession, node: Node, spec: InstanceTypeSpec, make_instance: InstanceFactory
-) -> tuple[Instance, NodeChoice] | None:
-    # A rolled-back savepoint expires the node, so its name is read beforehand.
-    node_name = node.name
-    try:
-        async with session.begin_nested():
-            version = await _take_gpus(session, node.id, spec)
-            if version is None:
-                return None
-            indices = await _free_gpu_indices(session, node, spec.gpu_count)
-            if len(indices) < spec.gpu_count:
-                raise _CounterOutOfStep()
-            choice = NodeChoice(
-                node_id=node.id,
-                node_name=node.name,
-                region=node.region,
-                sector=node.sector,
-                gpu_indices=indices,
-                desired_version=version,
-            )
-            instance = make_instance(choice)
-            instance.node = node
-            session.add(instance)
-            await session.flush()
-            session.add_all(
-                GpuAllocation(node_id=node.id, gpu_index=index, instance_id=instance.id)
-                for index in indices
-            )
-            await session.flush()
-    except IntegrityError:
-        logger.warning(
-            "GPU allocation on node %s lost a race to another create; trying the next node",
-            node_name,
-        )
-        return None
-    except _CounterOutOfStep:
-        logger.error(
-            "node %s counts more free GPUs than it has unallocated; skipping it. "
-            "Its gpus_free column needs repair.",
-            node_name,
-        )
-        return None
-    return instance, choice
+    busy_node_id = await session.scalar(candidates)
+    if busy_node_id is None:
+        return _GROUP_FULL
+    taken = await _take_gpus(session, spec, Node.id == busy_node_id)
+    return taken if taken is not None else _TRY_AGAIN
 
 
-async def _take_gpus(session: AsyncSession, node_id: int, spec: InstanceTypeSpec) -> int | None:
-    """Decrement the node's free counter if it still fits; return the new desired version."""
+async def _take_gpus(
+    session: AsyncSession, spec: InstanceTypeSpec, which: ColumnElement[bool]
+) -> _TakenNode | None:
+    """Decrement the counter of the node ``which`` selects if it still fits."""
     result = await session.execute(
         update(Node)
-        .where(Node.id == node_id, Node.state == "active", _fits(spec))
+        .where(which, Node.state == "active", _fits(spec))
         .values(
             gpus_free=Node.gpus_free - spec.gpu_count,
             desired_version=Node.desired_version + 1,
         )
-        .returning(Node.desired_version)
+        .returning(
+            Node.id, Node.name, Node.region, Node.sector, Node.gpu_count, Node.desired_version
+        )
     )
-    version = result.scalar_one_or_none()
-    return int(version) if version is not None else None
+    row = result.one_or_none()
+    if row is None:
+        return None
+    return _TakenNode(
+        id=row.id,
+        name=row.name,
+        region=row.region,
+        sector=row.sector,
+        gpu_count=row.gpu_count,
+        desired_version=int(row.desired_version),
+    )
 
 
-async def _free_gpu_indices(session: AsyncSession, node: Node, count: int) -> tuple[int, ...]:
+async def _insert_instance(
+    session: AsyncSession, spec: InstanceTypeSpec, node: _TakenNode, make_instance: InstanceFactory
+) -> tuple[Instance, NodeChoice]:
+    indices = await _free_gpu_indices(session, node, spec.gpu_count)
+    if len(indices) < spec.gpu_count:
+        raise _CounterOutOfStep()
+
+    choice = NodeChoice(
+        node_id=node.id,
+        node_name=node.name,
+        region=node.region,
+        sector=node.sector,
+        gpu_indices=indices,
+        desired_version=node.desired_version,
+    )
+    instance = make_instance(choice)
+    session.add(instance)
+    await session.flush()
+    session.add_all(
+        GpuAllocation(node_id=node.id, gpu_index=index, instance_id=instance.id)
+        for index in indices
+    )
+    await session.flush()
+    return instance, choice
+
+
+async def _free_gpu_indices(
+    session: AsyncSession, node: _TakenNode, count: int
+) -> tuple[int, ...]:
     taken = set(
         (
             await session.execute(
