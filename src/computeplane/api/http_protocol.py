@@ -3,8 +3,8 @@
 uvicorn closes idle keep-alive connections but sets no deadline on a request head that is
 still arriving, so a client that sends headers one byte at a time keeps its connection
 forever. This protocol closes any connection whose request line and headers take longer
-than ``head_timeout`` seconds, counted from the connection for its first request and from
-the first byte of each later one. Between requests, uvicorn's keep-alive timeout applies.
+than ``head_timeout`` seconds, counted from the request's first byte. Before the first
+request and between requests, the keep-alive timeout applies instead.
 The body has its own deadline in ``RequestContextMiddleware``.
 """
 
@@ -27,41 +27,43 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._head_deadline: asyncio.TimerHandle | None = None
+        self._deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm_head_deadline()
+        # A new connection that sends nothing is treated like an idle keep-alive one. A
+        # busy client may connect well before it writes its first request.
+        self._arm(self.timeout_keep_alive, "no request")
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_head_deadline()
+        self._disarm()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self._head_deadline is None:
-            self._arm_head_deadline()
+        self._arm(self.head_timeout, "no complete request headers")
 
     def on_headers_complete(self) -> None:
-        self._disarm_head_deadline()
+        self._disarm()
         super().on_headers_complete()
 
-    def _arm_head_deadline(self) -> None:
-        self._disarm_head_deadline()
-        self._head_deadline = self.loop.call_later(self.head_timeout, self._head_timed_out)
+    def _arm(self, seconds: float, what: str) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(seconds, self._timed_out, seconds, what)
 
-    def _disarm_head_deadline(self) -> None:
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-            self._head_deadline = None
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
 
-    def _head_timed_out(self) -> None:
-        self._head_deadline = None
+    def _timed_out(self, seconds: float, what: str) -> None:
+        self._deadline = None
         if not self.transport.is_closing():
             logger.info(
-                "closing connection from %s: no complete request headers within %g seconds",
+                "closing connection from %s: %s within %g seconds",
                 self.client[0] if self.client else "unknown",
-                self.head_timeout,
+                what,
+                seconds,
             )
             self.transport.close()
 
