@@ -18,7 +18,7 @@ from computeplane.domain.catalog import InstanceType, Sector
 from computeplane.domain.clock import utcnow
 from computeplane.domain.errors import InvalidCursor, InvalidRequest, NotFound, QuotaExceeded
 from computeplane.domain.ids import is_instance_id, new_instance_id
-from computeplane.domain.status import InstanceStatus, StatusReason
+from computeplane.domain.status import InstanceStatus
 from computeplane.services import lifecycle, placement
 from computeplane.services.auth import Principal
 from computeplane.services.context import ServiceContext
@@ -171,16 +171,13 @@ async def delete_instance(context: ServiceContext, principal: Principal, public_
         found = await _visible_instance(session, principal, public_id)
         version = await lifecycle.bump_desired_version(session, found.node_id)
         instance = await _visible_instance(session, principal, public_id, lock=True)
-        instance.deleted_at = utcnow()
-        await lifecycle.change_status(
+        await lifecycle.mark_deleted(
             session,
             instance,
-            InstanceStatus.STOPPED,
-            StatusReason.DELETED,
+            version=version,
             actor=f"user:{principal.user_nickname}",
             message="deleted by its owner",
         )
-        await lifecycle.request_teardown(session, instance, version=version)
         node_id = instance.node_id
 
     await context.notifier.notify([node_id])

@@ -99,6 +99,26 @@ async def request_teardown(
         instance.teardown_version = version
 
 
+async def mark_deleted(
+    session: AsyncSession, instance: Instance, *, version: int, actor: str, message: str
+) -> None:
+    """Hide the instance from the API and drop it from its node's desired state.
+
+    ``version`` is the node's desired version, already advanced in this transaction, which
+    also holds the node row lock that must come before the instance's.
+    """
+    instance.deleted_at = utcnow()
+    await change_status(
+        session,
+        instance,
+        InstanceStatus.STOPPED,
+        StatusReason.DELETED,
+        actor=actor,
+        message=message,
+    )
+    await request_teardown(session, instance, version=version)
+
+
 async def release_gpus(session: AsyncSession, instance: Instance, *, why: str) -> int:
     """Return the instance's GPUs to its node and mark it released; return how many.
 
