@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import uvicorn
 
@@ -20,7 +20,9 @@ from computeplane.agent.client import ControlPlaneClient
 from computeplane.agent.runtime.local import LocalRuntime, LocalRuntimeConfig
 from computeplane.api.app import BackgroundTask, create_app
 from computeplane.api.http_protocol import head_timeout_protocol
-from computeplane.domain.fleet import load_fleet
+from computeplane.domain.errors import ConflictError
+from computeplane.domain.fleet import NodeSpec, load_fleet
+from computeplane.pidlock import PidLock
 from computeplane.services import accounts
 from computeplane.services.context import ServiceContext
 from computeplane.services.nodes import sync_fleet
@@ -58,6 +60,11 @@ async def initialize(settings: Settings) -> bool:
 async def serve(settings: Settings) -> None:
     """Run the API, the workers and one local agent per fleet node in this process."""
     fleet = load_fleet(settings.fleet_file)
+    with holding(PidLock(settings.data_dir / "serve.lock", f"Data directory {settings.data_dir}")):
+        await _serve(settings, fleet)
+
+
+async def _serve(settings: Settings, fleet: list[NodeSpec]) -> None:
     async with open_database(settings) as database:
         await _bootstrap(database, settings)
         tokens = await sync_fleet(database, fleet)
@@ -113,7 +120,16 @@ async def agent(settings: Settings, control_plane_url: str, node_token: str) -> 
     """Run one node's agent with the local runtime, talking to the control plane over HTTP."""
     # Keyed by the token, so several agents on one machine never share instance state.
     state_name = "agent-" + hashlib.sha256(node_token.encode()).hexdigest()[:16]
-    runtime = LocalRuntime(local_runtime_config(settings, state_name))
+    config = local_runtime_config(settings, state_name)
+    lock = PidLock(config.state_dir.with_suffix(".lock"), f"Agent state {config.state_dir}")
+    with holding(lock):
+        await _run_agent(settings, config, control_plane_url, node_token)
+
+
+async def _run_agent(
+    settings: Settings, config: LocalRuntimeConfig, control_plane_url: str, node_token: str
+) -> None:
+    runtime = LocalRuntime(config)
     client = ControlPlaneClient(control_plane_url, node_token)
     node_agent = NodeAgent(
         "unregistered",
@@ -127,6 +143,21 @@ async def agent(settings: Settings, control_plane_url: str, node_token: str) -> 
     finally:
         await runtime.close()
         await client.aclose()
+    if node_agent.node_removed:
+        raise ConflictError(
+            f"Node {node_agent.name} was removed from the control plane, so this agent stopped "
+            "its instances and exited. Add the node again for a new token.",
+            code="node_removed",
+        )
+
+
+@contextlib.contextmanager
+def holding(lock: PidLock) -> Iterator[None]:
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def local_runtime_config(settings: Settings, node_name: str) -> LocalRuntimeConfig:

@@ -41,6 +41,7 @@ from computeplane.agent.runtime.base import InstanceSpec
 from computeplane.agent.runtime.local import LocalRuntimeConfig
 from computeplane.services.agents import wait_for_desired_state
 from computeplane.services.context import ServiceContext
+from computeplane.services.nodes import remove_node
 from computeplane.workers.deadlines import expire_provisioning
 from computeplane.workers.heartbeats import expire_heartbeats
 from conftest import Keys
@@ -554,3 +555,26 @@ async def test_agent_removes_unknown_leftover(
 
     await wait_until(instance_served, "the agent restores the wanted instance")
     assert await plane.status(instance_id) == "ready"
+
+
+# Node removal
+
+
+async def test_removed_node_tears_down(
+    plane: Plane, agents: AgentRunner, config: LocalRuntimeConfig, client_key: ClientKey
+) -> None:
+    agent = agents.start(agents.runtime(config))
+    instance_id = await plane.create(client_key.public_line)
+    ready = await plane.wait_for_status(instance_id, "ready")
+    ip, port = ready["ip"], ready["ssh_port"]
+
+    await remove_node(plane.context, plane.node.name, force=True)
+
+    async def agent_exited() -> bool:
+        return agent.node_removed
+
+    await wait_until(agent_exited, "the agent learns of the removal and exits")
+    assert not await accepts_connections(ip, port)
+    assert not (config.state_dir / instance_id).exists()
+    assert address_claims(config) == []
+    assert await stopped_events(plane, instance_id) == ["node_removed"]

@@ -389,7 +389,7 @@ async def test_nodes_remove_force_stops_instances(
     assert "n1" not in cli.nodes()
 
 
-async def test_removed_node_token_rejected(
+async def test_removed_node_told_to_stop(
     cli: OperatorCli, api: httpx.AsyncClient, keys: Keys, ed25519_key: str
 ) -> None:
     token = add_node(cli, "n1", "--region", "us-west", "--gpus", "8")
@@ -404,7 +404,9 @@ async def test_removed_node_token_rejected(
     report = await api.post(
         AGENT_REPORT, json={"applied_version": 0, "instances": []}, headers=agent_headers(token)
     )
-    assert desired.status_code == 401, desired.text
+    assert desired.status_code == 200, desired.text
+    assert desired.json()["node_removed"] is True
+    assert desired.json()["instances"] == []
     assert report.status_code == 401, report.text
 
 

@@ -63,14 +63,22 @@ class NodeAgent:
         self._applied_version: int | None = None
         self._report_needed = asyncio.Event()
         self._cleaned_orphans = False
+        self.node_removed = False
 
     async def run(self) -> None:
-        """Run until cancelled; on cancellation the instances keep their state on disk."""
+        """Run until cancelled, or until the control plane says the node was removed.
+
+        On cancellation the instances keep their state on disk, so a new agent restores
+        them. On removal every instance is stopped and deleted first, and ``node_removed``
+        is set.
+        """
         logger.info("agent for node %s started", self.name)
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._watch())
-                group.create_task(self._report_loop())
+                watch = group.create_task(self._watch())
+                report = group.create_task(self._report_loop())
+                await watch
+                report.cancel()
         finally:
             await self._cancel_tasks()
             logger.info("agent for node %s stopped", self.name)
@@ -82,7 +90,12 @@ class NodeAgent:
             try:
                 desired = await self._client.desired_state(version, self._poll_seconds)
                 self._heartbeat_seconds = desired.heartbeat_interval_seconds
-                self.name = desired.node_name
+                if self.name != desired.node_name:
+                    self.name = desired.node_name
+                    logger.info("agent serves node %s", self.name)
+                if desired.node_removed:
+                    await self._tear_down_removed_node(desired)
+                    return
                 if desired.version != self._applied_version:
                     await self._reconcile(desired)
                 version = desired.version
@@ -132,6 +145,22 @@ class NodeAgent:
 
         self._applied_version = desired.version
         self._report_needed.set()
+
+    async def _tear_down_removed_node(self, desired: DesiredStateBody) -> None:
+        """Stop and delete every instance of a node the control plane no longer has."""
+        logger.warning(
+            "node %s was removed from the control plane; stopping all of its instances",
+            self.name,
+        )
+        self._cleaned_orphans = False
+        await self._reconcile(desired)
+        while self._tracked:
+            tasks = [tracked.task for tracked in self._tracked.values() if tracked.task]
+            if not tasks:
+                break
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self.node_removed = True
+        logger.warning("node %s: every instance is stopped; the agent exits", self.name)
 
     async def _stop_orphans(self, wanted: set[str]) -> None:
         """Stop instances left on disk by an earlier process that nobody wants any more."""

@@ -21,30 +21,49 @@ T = TypeVar("T")
 
 stderr = Console(stderr=True)
 
+#: Help is printed as plain text, the same on every terminal. Rich help would read the
+#: "[...]" parts of help text as markup and drop them, and it prints "<bool>" beside flags.
+HELP_MARKUP_MODE = None
+
+
+def setting_default(name: str) -> Any:
+    """Return the default of a ``Settings`` field, so help never repeats it by hand."""
+    return Settings.model_fields[name].get_default(call_default_factory=True)
+
+
+#: The per-user data directory, for example ``~/.local/share/computeplane`` on Linux.
+DEFAULT_DATA_DIR: Path = setting_default("data_dir")
+DEFAULT_LOG_LEVEL: str = setting_default("log_level")
+
+# Options read their COMPUTEPLANE_* variable themselves, so help can show its name. They
+# pass the same value that Settings would read, and the option given on the command line
+# takes precedence over both.
 DataDirOption = Annotated[
-    Path | None,
+    Path,
     typer.Option(
         "--data-dir",
-        help="Directory for the SQLite database, keys and instance state "
-        "[env: COMPUTEPLANE_DATA_DIR; default: the per-user data directory].",
-        show_default=False,
+        envvar="COMPUTEPLANE_DATA_DIR",
+        show_envvar=True,
+        help="Directory for the SQLite database, the admin key file and instance state.",
     ),
 ]
 DatabaseUrlOption = Annotated[
     str | None,
     typer.Option(
         "--database-url",
-        help="sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB "
-        "[env: COMPUTEPLANE_DATABASE_URL; default: SQLite in the data directory].",
-        show_default=False,
+        envvar="COMPUTEPLANE_DATABASE_URL",
+        show_envvar=True,
+        show_default="SQLite in the data directory",
+        help="sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB.",
     ),
 ]
 LogLevelOption = Annotated[
-    str | None,
+    str,
     typer.Option(
         "--log-level",
-        help="DEBUG, INFO, WARNING or ERROR [env: COMPUTEPLANE_LOG_LEVEL; default: INFO].",
-        show_default=False,
+        envvar="COMPUTEPLANE_LOG_LEVEL",
+        show_envvar=True,
+        help="DEBUG, INFO, WARNING or ERROR.",
     ),
 ]
 

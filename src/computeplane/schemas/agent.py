@@ -21,6 +21,7 @@ class DesiredStateBody(BaseModel):
     version: int
     instances: list[DesiredInstanceBody]
     heartbeat_interval_seconds: float
+    node_removed: bool = False
 
 
 class ObservedInstanceBody(BaseModel):

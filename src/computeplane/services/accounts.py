@@ -215,3 +215,73 @@ async def _user_by_nickname(session: AsyncSession, nickname: str) -> User:
     if user is None:
         raise NotFound(f"No user with nickname '{nickname}'.", code="user_not_found")
     return user
+
+
+@dataclass(frozen=True)
+class KeyRevocation:
+    key_id: str
+    revoked_at: datetime
+    #: False when the key had been revoked before this call, at ``revoked_at``.
+    newly_revoked: bool
+
+
+@dataclass(frozen=True)
+class UserSummary:
+    nickname: str
+    organization_name: str
+    active_key_count: int
+    revoked_key_count: int
+    created_at: datetime
+
+
+async def revoke_key_once(database: Database, key_id: str) -> KeyRevocation:
+    """Revoke a key unless it is revoked already; return when and whether this call did it.
+
+    Raises NotFound for an unknown key.
+    """
+    async with database.write() as session:
+        api_key = (
+            await session.execute(select(ApiKey).where(ApiKey.key_id == key_id))
+        ).scalar_one_or_none()
+        if api_key is None:
+            raise NotFound(f"No API key with id '{key_id}'.", code="api_key_not_found")
+        previously_revoked_at = api_key.revoked_at
+        revoked_at = previously_revoked_at or utcnow()
+        api_key.revoked_at = revoked_at
+    newly_revoked = previously_revoked_at is None
+    if newly_revoked:
+        logger.info("api key %s revoked", key_id)
+    return KeyRevocation(key_id=key_id, revoked_at=revoked_at, newly_revoked=newly_revoked)
+
+
+async def list_users(
+    database: Database, *, organization_name: str | None = None
+) -> list[UserSummary]:
+    """Return users by nickname with their key counts, of one organization if named.
+
+    Raises NotFound for an unknown organization name.
+    """
+    query = select(User).order_by(User.nickname)
+    async with database.read() as session:
+        if organization_name is not None:
+            organization = await _organization_by_name(session, organization_name)
+            query = query.where(User.organization_id == organization.id)
+        users = (await session.execute(query)).scalars().all()
+        counts = await session.execute(
+            select(
+                ApiKey.user_id,
+                func.count().filter(ApiKey.revoked_at.is_(None)),
+                func.count().filter(ApiKey.revoked_at.is_not(None)),
+            ).group_by(ApiKey.user_id)
+        )
+        key_counts = {user_id: (int(active), int(revoked)) for user_id, active, revoked in counts}
+        return [
+            UserSummary(
+                nickname=user.nickname,
+                organization_name=user.organization.name,
+                active_key_count=key_counts.get(user.id, (0, 0))[0],
+                revoked_key_count=key_counts.get(user.id, (0, 0))[1],
+                created_at=user.created_at,
+            )
+            for user in users
+        ]

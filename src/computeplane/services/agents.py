@@ -36,6 +36,7 @@ RECHECK_SECONDS = 1.0
 class NodeIdentity:
     id: int
     name: str
+    removed: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,11 @@ class DesiredInstance:
 
 @dataclass(frozen=True)
 class DesiredState:
+    """The instances that should run on a node. A removed node should run none and stop."""
+
     version: int
     instances: list[DesiredInstance]
+    node_removed: bool = False
 
 
 @dataclass(frozen=True)
@@ -74,19 +78,17 @@ def hash_node_token(token: str) -> str:
 async def authenticate_node(database: Database, token: str) -> NodeIdentity:
     """Return the node that owns ``token``; raise AuthenticationFailed for any other token.
 
-    Node tokens are random 256-bit secrets, so looking one up by its hash leaks nothing.
+    Node tokens are random 256-bit secrets, so looking one up by its hash leaks nothing. A
+    removed node keeps its token until it is added again, so that its agent can learn of
+    the removal and tear its instances down.
     """
     async with database.read() as session:
         node = (
-            await session.execute(
-                select(Node).where(
-                    Node.token_sha256 == hash_node_token(token), Node.state != "removed"
-                )
-            )
+            await session.execute(select(Node).where(Node.token_sha256 == hash_node_token(token)))
         ).scalar_one_or_none()
     if node is None:
-        raise AuthenticationFailed("The node token is invalid or the node was removed.")
-    return NodeIdentity(id=node.id, name=node.name)
+        raise AuthenticationFailed("The node token is invalid.", code="invalid_node_token")
+    return NodeIdentity(id=node.id, name=node.name, removed=node.state == "removed")
 
 
 async def wait_for_desired_state(
@@ -101,19 +103,29 @@ async def wait_for_desired_state(
     deadline = loop.time() + wait_seconds
     while True:
         async with context.database.read() as session:
-            version = await session.scalar(select(Node.desired_version).where(Node.id == node.id))
+            row = (
+                await session.execute(
+                    select(Node.desired_version, Node.state).where(Node.id == node.id)
+                )
+            ).one()
+            version, removed = int(row.desired_version), row.state == "removed"
             remaining = deadline - loop.time()
-            if version is None:
-                raise AuthenticationFailed("The node was removed.")
+            if removed:
+                return DesiredState(version=version, instances=[], node_removed=True)
             if version != after_version or remaining <= 0 or context.notifier.closing:
-                return await _desired_state(session, node.id, int(version))
+                return await _desired_state(session, node.id, version)
         await context.notifier.wait(node.id, min(remaining, RECHECK_SECONDS))
 
 
 async def apply_report(
     context: ServiceContext, node: NodeIdentity, report: ObservedReport
 ) -> None:
-    """Record a heartbeat and reconcile every unreleased instance of the node with the report."""
+    """Record a heartbeat and reconcile every unreleased instance of the node with the report.
+
+    Raises AuthenticationFailed for a removed node, whose instances are already released.
+    """
+    if node.removed:
+        raise AuthenticationFailed(f"Node {node.name} was removed.", code="node_removed")
     changed_nodes: set[int] = set()
     async with context.database.write() as session:
         await _record_heartbeat(session, node)

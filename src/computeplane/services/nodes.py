@@ -125,11 +125,13 @@ async def drain_node(database: Database, name: str) -> None:
 
 
 async def remove_node(context: ServiceContext, name: str, *, force: bool = False) -> None:
-    """Remove the node and invalidate its token.
+    """Remove the node; its agent then tears down every instance and exits.
 
     Without ``force``, raises ConflictError while the node has instances. With it, the
-    node's instances stop with reason ``node_removed`` and their GPUs are released, because
-    no agent will ever confirm their teardown.
+    node's instances stop with reason ``node_removed`` and their GPUs are released at once,
+    because the node takes no part in placement any more. Its token stays valid for the
+    desired-state call only, which tells the agent of the removal, until the node is added
+    again with a new token.
     """
     async with context.database.write() as session:
         node = await _existing_node(session, name)
@@ -142,7 +144,6 @@ async def remove_node(context: ServiceContext, name: str, *, force: bool = False
             )
         await _stop_all(session, node)
         node.state = "removed"
-        node.token_sha256 = hash_node_token(new_token())
         node.reachable = False
     logger.info("node %s removed", name)
 

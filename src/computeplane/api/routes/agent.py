@@ -29,6 +29,7 @@ async def desired_state(
     return DesiredStateBody(
         node_name=node.name,
         version=state.version,
+        node_removed=state.node_removed,
         heartbeat_interval_seconds=context.settings.heartbeat_interval_seconds,
         instances=[
             DesiredInstanceBody(
