@@ -96,8 +96,13 @@ async def _handle_domain_error(_request: Request, error: Exception) -> JSONRespo
     return domain_error_response(error)
 
 
-async def _handle_validation_error(_request: Request, error: Exception) -> JSONResponse:
+async def _handle_validation_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
+    if _has_body(request) and not _is_json(request.headers.get("content-type")):
+        message = "Send the request body as JSON with 'Content-Type: application/json'."
+        logger.info("request rejected with 415 unsupported_media_type")
+        return error_response(415, "validation_error", "unsupported_media_type", message)
+
     code, message = describe_validation_errors(error.errors())
     logger.info("request rejected with 400 %s: %s", code, message)
     return error_response(400, "validation_error", code, message)
@@ -112,6 +117,22 @@ async def _handle_http_exception(_request: Request, error: Exception) -> JSONRes
     )
     error_type, code, message = _ROUTING_ERRORS.get(error.status_code, fallback)
     return error_response(error.status_code, error_type, code, message, error.headers)
+
+
+def _has_body(request: Request) -> bool:
+    return request.method in {"POST", "PUT", "PATCH"}
+
+
+def _is_json(content_type: str | None) -> bool:
+    """Return whether the header names JSON.
+
+    A body without the header is not read as JSON (FastAPI's strict content type), so that
+    a browser cannot send a create without a CORS preflight.
+    """
+    if content_type is None:
+        return False
+    media_type = content_type.partition(";")[0].strip().lower()
+    return media_type == "application/json" or media_type.endswith("+json")
 
 
 def describe_validation_errors(details: Any) -> tuple[str, str]:

@@ -19,6 +19,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         408: "The request body arrived too slowly",
         409: "A request with the same Idempotency-Key is still in flight",
         413: "Request body too large",
+        415: "Request body not sent as JSON",
         422: "Idempotency-Key reused with a different request body",
         429: "Rate limit exceeded",
         500: "Internal server error",
@@ -32,7 +33,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 _COMMON = (400, 401, 403, 408, 413, 429, 500)
 
-CREATE_RESPONSES = _errors(*_COMMON, 409, 422, 503)
+CREATE_RESPONSES = _errors(*_COMMON, 409, 415, 422, 503)
 LIST_RESPONSES = _errors(*_COMMON)
 ITEM_RESPONSES = _errors(*_COMMON, 404)
 
