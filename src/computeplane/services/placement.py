@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from computeplane.domain.catalog import InstanceType, InstanceTypeSpec, Sector
-from computeplane.domain.errors import InsufficientCapacity
+from computeplane.domain.errors import InsufficientCapacity, InvalidRequest
 from computeplane.store.models import GpuAllocation, Instance, Node
 
 logger = logging.getLogger(__name__)
@@ -81,8 +81,31 @@ async def place(
             if isinstance(outcome, tuple):
                 return outcome
 
+    if sector is not None:
+        await _check_sector_exists(session, sector)
     message = await _capacity_message(session, instance_type, sector, retry_after)
     raise InsufficientCapacity(message, retry_after=retry_after)
+
+
+async def _check_sector_exists(session: AsyncSession, sector: Sector) -> None:
+    """Raise InvalidRequest for a sector without any node, because waiting cannot help."""
+    sectors = set(
+        (
+            await session.execute(
+                select(Node.sector)
+                .where(Node.state != "removed", Node.sector.is_not(None))
+                .distinct()
+            )
+        )
+        .scalars()
+        .all()
+    )
+    if sector.value not in sectors:
+        known = ", ".join(sorted(s for s in sectors if s)) or "none"
+        raise InvalidRequest(
+            f"This fleet has no nodes in {sector.value}; sectors with nodes: {known}.",
+            code="sector_unavailable",
+        )
 
 
 def _candidate_groups(sector: Sector | None) -> list[ColumnElement[bool]]:
