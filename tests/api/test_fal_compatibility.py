@@ -392,6 +392,12 @@ async def _reused_key(scenario: Scenario) -> httpx.Response:
     return await scenario.create(changed, idempotency_key="reused-key")
 
 
+async def _sector_full(scenario: Scenario) -> httpx.Response:
+    first = await scenario.create(scenario.body(EIGHT_GPUS, sector="sector_1"))
+    assert first.status_code == 201, first.text
+    return await scenario.create(scenario.body(EIGHT_GPUS, sector="sector_1"))
+
+
 async def _over_quota(scenario: Scenario) -> httpx.Response:
     key = await make_key(scenario.database, "org-quota", "quinn", gpu_quota=0)
     return await scenario.create(key=key)
@@ -452,11 +458,12 @@ ERROR_CASES = {
     "delete-unknown": ErrorCase("delete", ITEM, 404, "not_found", _delete_unknown),
     "create-key-in-flight": ErrorCase("post", COLLECTION, 409, "validation_error", _in_flight),
     "create-key-reused": ErrorCase("post", COLLECTION, 422, "validation_error", _reused_key),
-    "create-no-capacity": ErrorCase(
+    "create-no-capacity": ErrorCase("post", COLLECTION, 503, "server_error", _sector_full),
+    "create-sector-unavailable": ErrorCase(
         "post",
         COLLECTION,
-        503,
-        "server_error",
+        400,
+        "validation_error",
         lambda s: s.create(s.body(EIGHT_GPUS, sector="sector_2")),
     ),
 }

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -30,8 +28,6 @@ logger = logging.getLogger(__name__)
 SSH_USER = "ubuntu"
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 100
-#: Largest row id a cursor may name: the top of the 64-bit id column.
-_MAX_ROW_ID = 2**63 - 1
 _MAX_CURSOR_LENGTH = 256
 
 
@@ -136,10 +132,10 @@ async def list_instances(
 ) -> InstancePage:
     """Return one page of the caller's instances, newest first.
 
-    The cursor is a keyset position (the last id returned), so inserts and deletes between
-    pages neither skip nor repeat an instance that exists throughout.
+    The cursor names the last instance of the previous page, and the next page starts after
+    that instance's row, deleted or not. So inserts and deletes between pages neither skip
+    nor repeat an instance that exists throughout.
     """
-    after_id = _decode_cursor(cursor, principal.organization_id) if cursor else None
     query = (
         select(Instance)
         .where(
@@ -148,16 +144,17 @@ async def list_instances(
         .order_by(Instance.id.desc())
         .limit(limit + 1)
     )
-    if after_id is not None:
-        query = query.where(Instance.id < after_id)
 
     async with context.database.read() as session:
+        if cursor:
+            after_id = await _cursor_position(session, cursor, principal.organization_id)
+            query = query.where(Instance.id < after_id)
         rows = list((await session.execute(query)).scalars().all())
         page = rows[:limit]
         views = [_view(instance, instance.creator.nickname) for instance in page]
 
     has_more = len(rows) > limit
-    next_cursor = _encode_cursor(page[-1].id, principal.organization_id) if has_more else None
+    next_cursor = _encode_cursor(page[-1].public_id) if has_more else None
     return InstancePage(instances=views, next_cursor=next_cursor)
 
 
@@ -255,33 +252,35 @@ def _view(instance: Instance, creator_nickname: str) -> InstanceView:
     )
 
 
-def _organization_tag(organization_id: int) -> str:
-    return hashlib.sha256(f"computeplane-org:{organization_id}".encode()).hexdigest()[:12]
+_CURSOR_VERSION = "1"
 
 
-def _encode_cursor(last_id: int, organization_id: int) -> str:
-    payload = json.dumps({"o": _organization_tag(organization_id), "i": last_id})
-    return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+def _encode_cursor(last_public_id: str) -> str:
+    text = f"{_CURSOR_VERSION}:{last_public_id}"
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str, organization_id: int) -> int:
-    """Return the id a cursor points after; raise InvalidCursor for anything not issued here."""
+async def _cursor_position(session: AsyncSession, cursor: str, organization_id: int) -> int:
+    """Return the row id a cursor points after.
+
+    Raises InvalidCursor for anything this server did not issue to this organization.
+    """
     if len(cursor) > _MAX_CURSOR_LENGTH:
         raise InvalidCursor()
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
-        raw = base64.b64decode(padded.encode("ascii"), altchars=b"-_", validate=True)
-        payload = json.loads(raw)
+        text = base64.b64decode(padded.encode("ascii"), altchars=b"-_", validate=True).decode()
     except (binascii.Error, ValueError):
         raise InvalidCursor() from None
 
-    if (
-        not isinstance(payload, dict)
-        or set(payload) != {"o", "i"}
-        or payload["o"] != _organization_tag(organization_id)
-        or not isinstance(payload["i"], int)
-        or isinstance(payload["i"], bool)
-        or not 1 <= payload["i"] <= _MAX_ROW_ID
-    ):
+    version, _, public_id = text.partition(":")
+    if version != _CURSOR_VERSION or not is_instance_id(public_id):
         raise InvalidCursor()
-    return int(payload["i"])
+    row_id = await session.scalar(
+        select(Instance.id).where(
+            Instance.public_id == public_id, Instance.organization_id == organization_id
+        )
+    )
+    if row_id is None:
+        raise InvalidCursor()
+    return int(row_id)
