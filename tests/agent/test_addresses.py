@@ -41,14 +41,6 @@ def test_claim_skips_network_and_broadcast(claims: AddressClaims) -> None:
     assert handed_out == list(POOL.hosts())
 
 
-def test_claim_reuses_released_address(claims: AddressClaims) -> None:
-    first = claims.claim("inst-a")
-    claims.claim("inst-b")
-    claims.release(first, "inst-a")
-
-    assert claims.claim("inst-c") == first
-
-
 def test_claim_honours_exclude(claims: AddressClaims) -> None:
     ip = claims.claim("inst-a", exclude=[address("127.78.5.1"), address("127.78.5.2")])
 
@@ -139,3 +131,18 @@ def test_reclaim_rejects_address_of_other_instance(claims: AddressClaims) -> Non
 
     with pytest.raises(RuntimeFailure, match="claimed by instance inst-b"):
         claims.reclaim(ip, "inst-a")
+
+
+def test_released_address_reused_last(claims: AddressClaims) -> None:
+    first = claims.claim("inst-a")
+    claims.claim("inst-b")
+    claims.release(first, "inst-a")
+
+    assert claims.claim("inst-c") == address("127.78.5.3")
+
+
+def test_rotation_wraps_to_released(claims: AddressClaims) -> None:
+    handed_out = [claims.claim(f"inst-{index}") for index in range(6)]
+    claims.release(handed_out[1], "inst-1")
+
+    assert claims.claim("inst-new") == handed_out[1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import secrets
 from collections.abc import Collection
 from pathlib import Path
 
@@ -26,20 +27,24 @@ class AddressClaims:
     def claim(
         self, instance_id: str, exclude: Collection[ipaddress.IPv4Address] = ()
     ) -> ipaddress.IPv4Address:
-        """Claim the first free host address of the pool for ``instance_id``.
+        """Claim the next free host address of the pool for ``instance_id``.
 
-        Addresses are tried in ascending order, skipping the network and broadcast
-        addresses and any address in ``exclude``. Raises ``RuntimeFailure`` when every
+        Addresses are tried in ascending order from the one after the last address claimed
+        in this directory, wrapping around, and skipping the network and broadcast addresses
+        and any address in ``exclude``. A released address is therefore reused only after
+        the rest of the pool, so a client's known_hosts entry for a deleted instance rarely
+        meets a new host key at the same address. Raises ``RuntimeFailure`` when every
         address is claimed.
         """
         self.address_dir.mkdir(parents=True, exist_ok=True)
         # Listing first skips taken addresses without one failed open() per address. The
         # O_EXCL open below still settles races with other runtimes.
         claimed_names = set(os.listdir(self.address_dir))
-        for ip in self.pool.hosts():
+        for ip in self._rotation():
             if ip in exclude or str(ip) in claimed_names:
                 continue
             if self._create_claim_file(ip, instance_id):
+                self._remember_last(ip)
                 return ip
         raise RuntimeFailure(
             f"No free address in the local address pool {self.pool}: every host address is "
@@ -87,6 +92,32 @@ class AddressClaims:
             return self._claim_path(ip).read_text(encoding="utf-8").strip()
         except FileNotFoundError:
             return None
+
+    def _rotation(self) -> list[ipaddress.IPv4Address]:
+        hosts = list(self.pool.hosts())
+        last = self._last_claimed()
+        if last is None or last not in self.pool:
+            return hosts
+        start = hosts.index(last) + 1 if last in hosts else 0
+        return hosts[start:] + hosts[:start]
+
+    def _last_claimed(self) -> ipaddress.IPv4Address | None:
+        # The file is a hint shared by racing runtimes; a stale or torn value only moves
+        # where the scan starts.
+        try:
+            return ipaddress.IPv4Address(self._last_path.read_text(encoding="ascii").strip())
+        except (OSError, ValueError):
+            return None
+
+    def _remember_last(self, ip: ipaddress.IPv4Address) -> None:
+        temporary = self._last_path.with_name(f"{self._last_path.name}.{secrets.token_hex(8)}")
+        temporary.write_text(str(ip), encoding="ascii")
+        os.replace(temporary, self._last_path)
+
+    @property
+    def _last_path(self) -> Path:
+        # Beside the claim directory, so that the directory holds claims only.
+        return self.address_dir.with_name(f"{self.address_dir.name}.last-claimed")
 
     def _claim_path(self, ip: ipaddress.IPv4Address) -> Path:
         return self.address_dir / str(ip)
