@@ -11,9 +11,11 @@ import contextlib
 import hashlib
 import ipaddress
 import logging
+import socket
 from collections.abc import AsyncIterator, Iterator, Sequence
 
 import uvicorn
+from sqlalchemy.engine import make_url
 
 from computeplane.agent.agent import NodeAgent
 from computeplane.agent.client import ControlPlaneClient
@@ -39,8 +41,10 @@ logger = logging.getLogger(__name__)
 async def open_database(settings: Settings) -> AsyncIterator[Database]:
     """Open the configured database with its schema at head; dispose it on exit."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    url = settings.resolved_database_url
+    logger.info("database %s", make_url(url).render_as_string(hide_password=True))
     database = Database(
-        settings.resolved_database_url,
+        url,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
     )
@@ -86,7 +90,13 @@ async def _serve(settings: Settings, fleet: list[NodeSpec]) -> None:
                 )
             )
 
-        logger.info("serving %d local nodes from %s", len(fleet), settings.fleet_file)
+        logger.info(
+            "serving %d local nodes from %s; instances get addresses from %s, port %d",
+            len(fleet),
+            settings.fleet_file,
+            settings.local_address_pool,
+            settings.local_ssh_port,
+        )
         try:
             await _run_http(
                 context,
@@ -132,7 +142,7 @@ async def _run_agent(
     runtime = LocalRuntime(config)
     client = ControlPlaneClient(control_plane_url, node_token)
     node_agent = NodeAgent(
-        "unregistered",
+        "(not yet known)",
         client,
         runtime,
         poll_seconds=settings.agent_poll_seconds,
@@ -192,6 +202,7 @@ async def _run_http(
     ``background`` tasks run for the app's lifetime. ``after_startup`` tasks start once the
     server accepts connections, because embedded agents connect to it over HTTP.
     """
+    _check_port_free(settings.host, settings.port)
     app = create_app(context, background=background)
     config = uvicorn.Config(
         app,
@@ -228,6 +239,25 @@ async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Raise ConflictError with a hint when the API's address is taken.
+
+    uvicorn would only log the bare socket error. The check is advisory: another process
+    may still take the port before uvicorn binds it.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ConflictError(
+                f"Cannot listen on {host}:{port}: {error.strerror}. Stop the process that "
+                "uses it or choose another port with --port.",
+                code="address_in_use",
+            ) from None
 
 
 def _connect_host(host: str) -> str:

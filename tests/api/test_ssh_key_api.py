@@ -286,3 +286,12 @@ async def test_private_key_rejected_unlogged(
     stored = await database_text(context.database)
     assert [line for line in body_lines if line in stored] == []
     assert await stored_keys(context.database) == []
+
+
+@pytest.mark.parametrize("ssh_key", ["", "   ", "\n"], ids=["empty", "spaces", "newline"])
+async def test_empty_key_rejected(api: httpx.AsyncClient, keys: Keys, ssh_key: str) -> None:
+    response = await post_key(api, keys.a, ssh_key)
+
+    assert response.status_code == 400, response.text
+    assert error_of(response)["code"] == "invalid_ssh_key"
+    assert "empty" in error_of(response)["message"]

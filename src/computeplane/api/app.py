@@ -46,6 +46,9 @@ def create_app(context: ServiceContext, *, background: Sequence[BackgroundTask] 
         version=__version__,
         summary="fal-compatible Compute Instances API for your own GPU fleet",
         lifespan=lifespan,
+        # The interactive pages load their scripts from a CDN; /openapi.json is served.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.context = context
     app.include_router(instances.router)

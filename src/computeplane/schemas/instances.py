@@ -31,7 +31,8 @@ class InstanceCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     instance_type: InstanceTypeName
-    ssh_key: str = Field(min_length=1, max_length=4 * MAX_SSH_KEY_LENGTH)
+    # An empty key is rejected by the validator below with code invalid_ssh_key.
+    ssh_key: str = Field(max_length=4 * MAX_SSH_KEY_LENGTH, json_schema_extra={"minLength": 1})
     sector: SectorName | None = None
 
     @field_validator("ssh_key")

@@ -27,7 +27,7 @@ async def record_creation(
     check_transition(None, InstanceStatus(instance.status))
     await _add_event(session, instance, None, StatusReason.PLACED, None, actor)
     logger.info(
-        "instance %s placed on node %s with %d GPUs (%s)",
+        "instance %s placed on node %s with %d GPU(s) (%s)",
         instance.public_id,
         node_name,
         instance.gpu_count,

@@ -80,13 +80,10 @@ async def list_organizations(database: Database) -> list[OrganizationSummary]:
     """Return every organization by name, with its held GPUs and user count."""
     async with database.read() as session:
         held = await _gpus_held_by_organization(session)
-        users = dict(
-            (
-                await session.execute(
-                    select(User.organization_id, func.count()).group_by(User.organization_id)
-                )
-            ).tuples()
+        user_rows = await session.execute(
+            select(User.organization_id, func.count()).group_by(User.organization_id)
         )
+        users = {organization_id: int(count) for organization_id, count in user_rows}
         organizations = (
             await session.execute(select(Organization).order_by(Organization.name))
         ).scalars()
@@ -96,7 +93,7 @@ async def list_organizations(database: Database) -> list[OrganizationSummary]:
                 compute_enabled=organization.compute_enabled,
                 gpu_quota=organization.gpu_quota,
                 gpus_held=held.get(organization.id, 0),
-                user_count=int(users.get(organization.id, 0)),
+                user_count=users.get(organization.id, 0),
             )
             for organization in organizations
         ]
@@ -107,7 +104,7 @@ async def update_organization(
     name: str,
     *,
     compute_enabled: bool | None = None,
-    gpu_quota: int | None | Unchanged = UNCHANGED,
+    gpu_quota: int | Unchanged | None = UNCHANGED,
 ) -> OrganizationSummary:
     """Change an organization's compute permission or GPU quota and return its new state.
 
@@ -132,9 +129,7 @@ async def update_organization(
             organization.compute_enabled = compute_enabled
         if not isinstance(gpu_quota, Unchanged):
             organization.gpu_quota = gpu_quota
-        held = (await _gpus_held_by_organization(session, organization.id)).get(
-            organization.id, 0
-        )
+        held = (await _gpus_held_by_organization(session, organization.id)).get(organization.id, 0)
         user_count = await session.scalar(
             select(func.count()).select_from(User).where(User.organization_id == organization.id)
         )
@@ -194,7 +189,7 @@ async def list_instances(
                 raise NotFound(f"No node named '{node_name}'.", code="node_not_found")
             query = query.where(Instance.node_id == node_id)
 
-        rows = (await session.execute(query)).unique().tuples().all()
+        rows = (await session.execute(query)).unique().all()
         return [_summary(instance, organization) for instance, organization in rows]
 
 
@@ -267,7 +262,7 @@ async def _gpus_held_by_organization(
     )
     if organization_id is not None:
         query = query.where(Instance.organization_id == organization_id)
-    rows = (await session.execute(query)).tuples()
+    rows = (await session.execute(query)).all()
     return {organization: int(gpus or 0) for organization, gpus in rows}
 
 

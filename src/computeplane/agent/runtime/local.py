@@ -126,7 +126,7 @@ class LocalRuntime(Runtime):
             ip = str(record.ip)
         else:
             return
-        logger.info("Stopped instance %s on %s:%d", instance_id, ip, self.config.ssh_port)
+        logger.info("stopped instance %s on %s:%d", instance_id, ip, self.config.ssh_port)
 
     async def list_instances(self) -> list[str]:
         """Return the ids of instances with a state directory, running or not, sorted."""
@@ -148,7 +148,7 @@ class LocalRuntime(Runtime):
             await self._close_server(instance_id, instance.server)
         if running:
             logger.info(
-                "Closed %d instance endpoints; their state stays in %s",
+                "closed %d instance endpoints; their state stays in %s",
                 len(running),
                 self.config.state_dir,
             )
@@ -188,11 +188,11 @@ class LocalRuntime(Runtime):
         if not await self._listen(server, spec.instance_id, record.ip):
             raise RuntimeFailure(
                 f"Cannot restore instance {spec.instance_id}: its address "
-                f"{record.ip}:{self.config.ssh_port} is in use by another process. Stop "
-                "that process and start the instance again, or stop the instance."
+                f"{record.ip}:{self.config.ssh_port} is in use by another process, such as a "
+                "second computeplane on the same address pool. Stop that process."
             )
         logger.info(
-            "Restored instance %s on %s:%d", spec.instance_id, record.ip, self.config.ssh_port
+            "restored instance %s on %s:%d", spec.instance_id, record.ip, self.config.ssh_port
         )
         return _RunningInstance(Endpoint(str(record.ip), self.config.ssh_port), server)
 
@@ -215,7 +215,7 @@ class LocalRuntime(Runtime):
             state.delete()
             raise
         logger.info(
-            "Started instance %s on %s:%d",
+            "started instance %s on %s:%d",
             spec.instance_id,
             instance.endpoint.ip,
             instance.endpoint.port,
@@ -251,7 +251,7 @@ class LocalRuntime(Runtime):
             self._claims.release(ip, spec.instance_id)
             in_use.append(ip)
             logger.info(
-                "Port %d is in use on %s, so instance %s tries the next address",
+                "port %d is in use on %s, so instance %s tries the next address",
                 self.config.ssh_port,
                 ip,
                 spec.instance_id,
@@ -315,7 +315,7 @@ class LocalRuntime(Runtime):
         try:
             return state.read_record()
         except RuntimeFailure as exc:
-            logger.warning("Ignoring unreadable state while stopping: %s", exc)
+            logger.warning("ignoring unreadable state while stopping: %s", exc)
             return None
 
     @staticmethod
@@ -324,6 +324,6 @@ class LocalRuntime(Runtime):
             await server.close()
         except TimeoutError:
             logger.warning(
-                "Connections of instance %s did not close within the timeout; continuing",
+                "connections of instance %s did not close within the timeout; continuing",
                 instance_id,
             )
