@@ -418,9 +418,9 @@ def state_dirs(data_dir: Path) -> dict[str, Path]:
     nodes = data_dir / "nodes"
     if not nodes.is_dir():
         return {}
-    return {
-        path.name: path for agent in nodes.iterdir() for path in agent.iterdir() if path.is_dir()
-    }
+    # Beside each agent's directory lies its lock file, agent-<token hash>.lock.
+    agents = [agent for agent in nodes.iterdir() if agent.is_dir()]
+    return {path.name: path for agent in agents for path in agent.iterdir() if path.is_dir()}
 
 
 def recorded_endpoints(data_dir: Path) -> dict[str, tuple[str, int]]:
