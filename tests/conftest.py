@@ -28,6 +28,7 @@ from computeplane.services.pg_notifier import make_notifier
 from computeplane.settings import Settings
 from computeplane.store.database import Database
 from computeplane.store.migrate import upgrade_to_head
+from support.operator_cli import OperatorCli
 from support.postgres import PostgresServer, PostgresUnavailable, running_postgres
 
 KEYS_DIR = Path(__file__).parent / "data" / "keys"
@@ -52,6 +53,12 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite+aiosqlite:///{tmp_path / 'computeplane.db'}"
     server: PostgresServer = request.getfixturevalue("postgres_server")
     return server.create_database(f"test_{next(_database_names)}_{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture
+def cli(tmp_path: Path, database_url: str, database: Database) -> OperatorCli:
+    """Operator commands on the test's database, which ``database`` migrated to head."""
+    return OperatorCli.create(tmp_path / "cli-data", database_url)
 
 
 @pytest.fixture

@@ -13,16 +13,17 @@ import ipaddress
 import logging
 import socket
 from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
 
 import uvicorn
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 from computeplane.agent.agent import NodeAgent
 from computeplane.agent.client import ControlPlaneClient
 from computeplane.agent.runtime.local import LocalRuntime, LocalRuntimeConfig
 from computeplane.api.app import BackgroundTask, create_app
 from computeplane.api.http_protocol import head_timeout_protocol
-from computeplane.domain.errors import ConflictError
+from computeplane.domain.errors import ConflictError, DatabaseNotInitialized
 from computeplane.domain.fleet import NodeSpec, load_fleet
 from computeplane.pidlock import PidLock
 from computeplane.services import accounts
@@ -31,28 +32,57 @@ from computeplane.services.nodes import sync_fleet
 from computeplane.services.pg_notifier import make_notifier
 from computeplane.settings import Settings
 from computeplane.store.database import Database
-from computeplane.store.migrate import upgrade_to_head
+from computeplane.store.migrate import current_revision, upgrade_to_head
 from computeplane.workers.runner import run_workers
 
 logger = logging.getLogger(__name__)
 
 
 @contextlib.asynccontextmanager
-async def open_database(settings: Settings) -> AsyncIterator[Database]:
-    """Open the configured database with its schema at head; dispose it on exit."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+async def open_database(settings: Settings, *, create: bool = True) -> AsyncIterator[Database]:
+    """Open the configured database with its schema at head; dispose it on exit.
+
+    With ``create`` false, a database without the schema (or a SQLite file that does not
+    exist) raises DatabaseNotInitialized instead of being set up: operator commands use
+    this, so a mistyped --data-dir does not leave a new, empty database behind.
+    """
     url = settings.resolved_database_url
-    logger.info("database %s", make_url(url).render_as_string(hide_password=True))
+    parsed = make_url(url)
+    shown = parsed.render_as_string(hide_password=True)
+    if not create and _is_missing_sqlite_file(parsed):
+        raise DatabaseNotInitialized(
+            _not_initialized_message(f"no database file at {parsed.database}")
+        )
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("database %s", shown)
     database = Database(
         url,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
     )
     try:
+        if not create and await current_revision(database) is None:
+            raise DatabaseNotInitialized(
+                _not_initialized_message(f"{shown} has no computeplane schema")
+            )
         await upgrade_to_head(database)
         yield database
     finally:
         await database.dispose()
+
+
+def _is_missing_sqlite_file(url: URL) -> bool:
+    """Return whether ``url`` names a SQLite database file that does not exist."""
+    if url.get_backend_name() != "sqlite":
+        return False
+    return not url.database or not Path(url.database).is_file()
+
+
+def _not_initialized_message(problem: str) -> str:
+    return (
+        f"{problem}. Run 'computeplane init' or 'computeplane serve' with the same "
+        "--data-dir and --database-url first."
+    )
 
 
 async def initialize(settings: Settings) -> bool:

@@ -209,3 +209,32 @@ async def test_init_concurrent_one_admin(init: Init, database: Database) -> None
     key_id, _, digest = accounts.keys[0]
     assert key.partition(":")[0] == key_id
     assert secret_sha256(key) == digest
+
+
+def sqlite_file_exists(database_url: str) -> bool:
+    """Return whether ``database_url`` is a SQLite URL whose file exists."""
+    scheme, _, path = database_url.partition(":///")
+    return scheme.startswith("sqlite") and Path(path).exists()
+
+
+@pytest.mark.parametrize(
+    "command", [["orgs", "list"], ["orgs", "create", "acme"], ["keys", "list"]]
+)
+async def test_operator_command_before_init_changes_nothing(
+    init: Init, database: Database, database_url: str, command: list[str]
+) -> None:
+    result = run_computeplane(
+        [*command, "--data-dir", str(init.data_dir), "--database-url", database_url],
+        env=computeplane_environment(),
+    )
+
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == ""
+    assert "Run 'computeplane init'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not sqlite_file_exists(database_url)
+    assert await current_revision(database) is None
+
+    initialized = init.run()
+    assert initialized.returncode == 0, initialized.stderr
+    assert (await read_accounts(database)).organizations == [("default", True)]

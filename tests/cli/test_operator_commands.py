@@ -33,11 +33,6 @@ TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{20,}\n")
 ISO_TIME_PATTERN = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00")
 
 
-@pytest.fixture
-def cli(tmp_path: Path, database_url: str) -> OperatorCli:
-    return OperatorCli.create(tmp_path / "cli-data", database_url)
-
-
 def only_line(result: subprocess.CompletedProcess[str]) -> str:
     """Return the single stdout line of a command that must succeed."""
     assert result.returncode == 0, result.stderr

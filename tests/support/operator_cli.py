@@ -67,3 +67,8 @@ def parse_table(text: str) -> list[dict[str, str]]:
         assert len(cells) == len(headers), f"row {cells} does not match headers {headers}"
         rows.append(dict(zip(headers, cells, strict=True)))
     return rows
+
+
+def table(cli: OperatorCli, *args: str) -> list[dict[str, str]]:
+    """Run a listing command that must succeed and return its rows."""
+    return parse_table(cli.output(*args))

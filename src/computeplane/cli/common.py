@@ -19,7 +19,8 @@ from computeplane.settings import Settings
 
 T = TypeVar("T")
 
-stderr = Console(stderr=True)
+# soft_wrap keeps each message on one line, also when stderr is a pipe or a log file.
+stderr = Console(stderr=True, soft_wrap=True)
 
 #: Help is printed as plain text, the same on every terminal. Rich help would read the
 #: "[...]" parts of help text as markup and drop them, and it prints "<bool>" beside flags.
@@ -86,6 +87,11 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
         fail(error.message)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def warn(message: str) -> None:
+    """Print a warning line on stderr without stopping the command."""
+    stderr.print(Text("warning: ", style="yellow") + Text(message), highlight=False)
 
 
 def fail(message: str, *, exit_code: int = 1) -> NoReturn:

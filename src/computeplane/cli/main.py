@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from computeplane import __version__
 from computeplane.cli import admin, processes
+from computeplane.cli.common import HELP_MARKUP_MODE
 
 app = typer.Typer(
     name="computeplane",
@@ -13,16 +16,25 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=HELP_MARKUP_MODE,
 )
-app.command()(processes.serve)
-app.command()(processes.init)
-app.command()(processes.api)
+# Short help is what the command list shows; it fits beside the names in 80 columns.
+app.command(short_help="Run the API, the workers and the fleet's agents in one process.")(
+    processes.serve
+)
+app.command(short_help="Create the schema and, on an empty database, the admin API key.")(
+    processes.init
+)
+app.command(short_help="Serve only the HTTP API; replicas share a PostgreSQL database.")(
+    processes.api
+)
 app.command()(processes.worker)
 app.command()(processes.agent)
 app.add_typer(admin.orgs_app, name="orgs")
 app.add_typer(admin.users_app, name="users")
 app.add_typer(admin.keys_app, name="keys")
 app.add_typer(admin.nodes_app, name="nodes")
+app.add_typer(admin.instances_app, name="instances")
 
 
 def _version(value: bool) -> None:
@@ -33,9 +45,12 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Print the version."
-    ),
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
     """computeplane"""
 

@@ -9,38 +9,59 @@ import typer
 
 from computeplane import roles
 from computeplane.cli.common import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_LOG_LEVEL,
     DatabaseUrlOption,
     DataDirOption,
     LogLevelOption,
     load_settings,
     run,
+    setting_default,
 )
 
+DEFAULT_HOST: str = setting_default("host")
+DEFAULT_PORT: int = setting_default("port")
+
 HostOption = Annotated[
-    str | None,
-    typer.Option("--host", help="Address to listen on [default: 127.0.0.1].", show_default=False),
+    str,
+    typer.Option(
+        "--host", envvar="COMPUTEPLANE_HOST", show_envvar=True, help="Address to listen on."
+    ),
 ]
 PortOption = Annotated[
-    int | None,
-    typer.Option("--port", help="TCP port to listen on [default: 8000].", show_default=False),
+    int,
+    typer.Option(
+        "--port", envvar="COMPUTEPLANE_PORT", show_envvar=True, help="TCP port to listen on."
+    ),
+]
+AgentDataDirOption = Annotated[
+    Path,
+    typer.Option(
+        "--data-dir",
+        envvar="COMPUTEPLANE_DATA_DIR",
+        show_envvar=True,
+        help="Directory for the agent's instance state, kept in "
+        "nodes/agent-<token hash>/ inside it.",
+    ),
 ]
 
 
 def serve(
-    host: HostOption = None,
-    port: PortOption = None,
-    data_dir: DataDirOption = None,
+    host: HostOption = DEFAULT_HOST,
+    port: PortOption = DEFAULT_PORT,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
     database_url: DatabaseUrlOption = None,
     fleet_file: Annotated[
         Path | None,
         typer.Option(
             "--fleet-file",
-            help="TOML file declaring the local fleet [env: COMPUTEPLANE_FLEET_FILE; "
-            "default: the packaged two-region fleet].",
-            show_default=False,
+            envvar="COMPUTEPLANE_FLEET_FILE",
+            show_envvar=True,
+            show_default="the packaged two-region fleet",
+            help="TOML file declaring the nodes that this process runs agents for.",
         ),
     ] = None,
-    log_level: LogLevelOption = None,
+    log_level: LogLevelOption = DEFAULT_LOG_LEVEL,
 ) -> None:
     """Run the API, the workers and a local agent for every fleet node in one process."""
     settings = load_settings(
@@ -55,9 +76,9 @@ def serve(
 
 
 def init(
-    data_dir: DataDirOption = None,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
     database_url: DatabaseUrlOption = None,
-    log_level: LogLevelOption = None,
+    log_level: LogLevelOption = DEFAULT_LOG_LEVEL,
 ) -> None:
     """Create the schema and, on an empty database, the default organization and admin key."""
     settings = load_settings(data_dir=data_dir, database_url=database_url, log_level=log_level)
@@ -69,11 +90,11 @@ def init(
 
 
 def api(
-    host: HostOption = None,
-    port: PortOption = None,
-    data_dir: DataDirOption = None,
+    host: HostOption = DEFAULT_HOST,
+    port: PortOption = DEFAULT_PORT,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
     database_url: DatabaseUrlOption = None,
-    log_level: LogLevelOption = None,
+    log_level: LogLevelOption = DEFAULT_LOG_LEVEL,
 ) -> None:
     """Serve the HTTP API only; run any number of these against one PostgreSQL database."""
     settings = load_settings(
@@ -83,9 +104,9 @@ def api(
 
 
 def worker(
-    data_dir: DataDirOption = None,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
     database_url: DatabaseUrlOption = None,
-    log_level: LogLevelOption = None,
+    log_level: LogLevelOption = DEFAULT_LOG_LEVEL,
 ) -> None:
     """Run the background loops only; any number may run at once."""
     settings = load_settings(data_dir=data_dir, database_url=database_url, log_level=log_level)
@@ -102,12 +123,13 @@ def agent(
         typer.Option(
             "--node-token",
             envvar="COMPUTEPLANE_NODE_TOKEN",
-            help="The token printed by 'computeplane nodes add' [env: COMPUTEPLANE_NODE_TOKEN].",
-            show_envvar=False,
+            show_envvar=True,
+            help="Agent token that 'computeplane nodes add' printed; prefer the environment "
+            "variable, because other users can read a process's arguments.",
         ),
     ],
-    data_dir: DataDirOption = None,
-    log_level: LogLevelOption = None,
+    data_dir: AgentDataDirOption = DEFAULT_DATA_DIR,
+    log_level: LogLevelOption = DEFAULT_LOG_LEVEL,
 ) -> None:
     """Run one node's agent with the local runtime."""
     settings = load_settings(data_dir=data_dir, log_level=log_level)

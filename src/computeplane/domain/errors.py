@@ -16,6 +16,7 @@
     │   ├── RateLimited               too many requests for this key (429)
     │   └── InsufficientCapacity      no node can take the instance now (503)
     ├── ConflictError                 an operator action contradicts the stored state
+    ├── DatabaseNotInitialized        an operator command found no computeplane schema
     └── RuntimeFailure                a node runtime could not start or stop an instance
 
 Errors carry no HTTP knowledge: ``computeplane.api.errors`` maps each class to a status
@@ -173,6 +174,13 @@ class ConflictError(ComputeplaneError):
 
     code = "conflict"
     default_message = "The operation conflicts with the current state."
+
+
+class DatabaseNotInitialized(ComputeplaneError):
+    """Raised when a command that only reads or edits records finds no computeplane schema."""
+
+    code = "database_not_initialized"
+    default_message = "The database has no computeplane schema; run 'computeplane init' first."
 
 
 class RuntimeFailure(ComputeplaneError):

@@ -117,7 +117,9 @@ async def update_organization(
         raise InvalidRequest(f"gpu quota must be 0 or more, got {gpu_quota}.")
 
     async with database.write() as session:
-        # Locking the row makes this wait for creates that are checking the old quota.
+        # Creates of an organization with a quota lock this row to check it, so the update
+        # waits for those in flight. NOTE: a create that found no quota takes no lock and
+        # may still commit past a quota set here at the same moment.
         organization = (
             await session.execute(
                 select(Organization).where(Organization.name == name).with_for_update()
@@ -129,7 +131,9 @@ async def update_organization(
             organization.compute_enabled = compute_enabled
         if not isinstance(gpu_quota, Unchanged):
             organization.gpu_quota = gpu_quota
-        held = (await _gpus_held_by_organization(session, organization.id)).get(organization.id, 0)
+        gpus_held = (await _gpus_held_by_organization(session, organization.id)).get(
+            organization.id, 0
+        )
         user_count = await session.scalar(
             select(func.count()).select_from(User).where(User.organization_id == organization.id)
         )
@@ -137,7 +141,7 @@ async def update_organization(
             name=organization.name,
             compute_enabled=organization.compute_enabled,
             gpu_quota=organization.gpu_quota,
-            gpus_held=held,
+            gpus_held=gpus_held,
             user_count=int(user_count or 0),
         )
 
@@ -213,7 +217,6 @@ async def delete_instance(context: ServiceContext, public_id: str) -> str:
             actor=OPERATOR_ACTOR,
             message="deleted by the operator",
         )
-        node_id = instance.node_id
         node_name = instance.node.name
 
     await context.notifier.notify([node_id])
