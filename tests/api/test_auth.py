@@ -325,3 +325,46 @@ async def test_api_keys_store_secret_hash(keys: Keys, database: Database) -> Non
     for key in every_key:
         expected = hashlib.sha256(secret_of(key).encode()).hexdigest()
         assert stored[key_id_of(key)] == expected, key_id_of(key)
+
+
+UNPARSABLE_BODIES = {
+    "truncated": b'{"instance_type":',
+    "not_json": b"{bad",
+    "invalid_utf8": b'{"a": "\xff"}',
+}
+
+
+@pytest.mark.parametrize("body", list(UNPARSABLE_BODIES))
+@pytest.mark.parametrize(
+    ("caller", "status", "error_type", "code"),
+    [
+        ("no_key", 401, "authorization_error", "invalid_api_key"),
+        ("unknown_key", 401, "authorization_error", "invalid_api_key"),
+        ("api_scope", 403, "authorization_error", "admin_key_required"),
+        ("no_compute", 403, "authorization_error", "compute_not_enabled"),
+        ("admin", 400, "validation_error", "invalid_request"),
+    ],
+)
+async def test_unparsable_body_checks_key_first(
+    body: str,
+    caller: str,
+    status: int,
+    error_type: str,
+    code: str,
+    api: httpx.AsyncClient,
+    keys: Keys,
+) -> None:
+    key = {
+        "no_key": None,
+        "unknown_key": f"{uuid.uuid4()}:{'ab' * 32}",
+        "api_scope": keys.api_scope,
+        "no_compute": keys.no_compute,
+        "admin": keys.a,
+    }[caller]
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers.update(Keys.header(key))
+
+    response = await api.post(INSTANCES, content=UNPARSABLE_BODIES[body], headers=headers)
+
+    assert_error(response, status, error_type, code)

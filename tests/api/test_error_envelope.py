@@ -82,7 +82,22 @@ async def test_wrong_method_is_405(
     response = await api.request(method, path, headers=headers, json={})
 
     assert_error(response, 405, "validation_error", "method_not_allowed")
-    assert response.headers.get("Allow"), "a 405 response must list the allowed methods"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("PUT", INSTANCES, "GET, POST"),
+        ("PATCH", f"{INSTANCES}/inst_abc", "DELETE, GET"),
+    ],
+)
+async def test_405_allow_lists_every_method(
+    method: str, path: str, allowed: str, api: httpx.AsyncClient, headers: dict[str, str]
+) -> None:
+    response = await api.request(method, path, headers=headers, json={})
+
+    assert response.status_code == 405, response.text
+    assert response.headers["Allow"] == allowed
 
 
 INVALID_BODIES: dict[str, bytes] = {
@@ -109,6 +124,24 @@ async def test_invalid_json_body_is_400(
     response = await api.post(INSTANCES, content=INVALID_BODIES[name], headers=content_headers)
 
     assert_error(response, 400, "validation_error")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"", "The request body is missing; send a JSON object."),
+        (b"{}", "Field 'instance_type' is required. Field 'ssh_key' is required."),
+    ],
+)
+async def test_missing_body_message(
+    body: bytes, message: str, api: httpx.AsyncClient, headers: dict[str, str]
+) -> None:
+    content_headers = {**headers, "Content-Type": "application/json"}
+
+    response = await api.post(INSTANCES, content=body, headers=content_headers)
+
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"] == message
 
 
 def body_with(valid: dict[str, Any], **changes: Any) -> dict[str, Any]:

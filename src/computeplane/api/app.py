@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from computeplane import __version__
+from computeplane.api import dependencies
 from computeplane.api.errors import install_error_handlers
 from computeplane.api.middleware import RequestContextMiddleware
 from computeplane.api.openapi import install_openapi
@@ -53,7 +54,9 @@ def create_app(context: ServiceContext, *, background: Sequence[BackgroundTask] 
     app.state.context = context
     app.include_router(instances.router)
     app.include_router(agent.router)
-    install_error_handlers(app)
+    install_error_handlers(
+        app, access_checks={instances.router.prefix: dependencies.check_compute_admin}
+    )
     install_openapi(app)
     app.add_middleware(
         RequestContextMiddleware,

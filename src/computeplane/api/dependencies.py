@@ -103,6 +103,12 @@ async def compute_admin(
 ComputeAdmin = Annotated[auth.Principal, Depends(compute_admin)]
 
 
+async def check_compute_admin(request: Request) -> None:
+    """Authenticate the request as ``ComputeAdmin`` does, outside dependency injection."""
+    principal = await authenticated_principal(request, get_context(request))
+    auth.require_compute_admin(principal)
+
+
 def idempotency_key(
     request: Request,
     _documented: Annotated[

@@ -7,13 +7,14 @@ of fal's values and ``code`` is computeplane's stable machine-readable code.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from computeplane.domain import errors
 from computeplane.logconfig import current_request_id
@@ -35,7 +36,10 @@ _STATUS: dict[type[errors.ComputeplaneError], tuple[int, ErrorType]] = {
     errors.InsufficientCapacity: (503, "server_error"),
 }
 
+_METHODS = ("DELETE", "GET", "PATCH", "POST", "PUT")
+
 _ROUTING_ERRORS: dict[int, tuple[ErrorType, str, str]] = {
+    400: ("validation_error", "invalid_request", "The request body is not valid JSON."),
     404: ("not_found", "not_found", "No such endpoint."),
     405: ("validation_error", "method_not_allowed", "Method not allowed for this endpoint."),
 }
@@ -85,10 +89,52 @@ def internal_error_response() -> JSONResponse:
     )
 
 
-def install_error_handlers(app: FastAPI) -> None:
+#: Raises a ComputeplaneError if the request may not use the route at all.
+AccessCheck = Callable[[Request], Awaitable[None]]
+
+
+def install_error_handlers(
+    app: FastAPI, *, access_checks: Mapping[str, AccessCheck] | None = None
+) -> None:
+    """Map every error to the envelope.
+
+    FastAPI parses a JSON body before it runs the route's dependencies, so a malformed body
+    would be reported before a missing key. For paths under a prefix of ``access_checks``,
+    that prefix's check runs first and its error wins over the body's.
+    """
+    checks = dict(access_checks or {})
+
+    async def access_denied(request: Request) -> JSONResponse | None:
+        for prefix, check in checks.items():
+            if not request.url.path.startswith(prefix):
+                continue
+            try:
+                await check(request)
+            except errors.ComputeplaneError as denied:
+                return domain_error_response(denied)
+        return None
+
+    async def handle_validation_error(request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, RequestValidationError)
+        if _is_unparsed_body(error) and (denied := await access_denied(request)):
+            return denied
+        return await _handle_validation_error(request, error)
+
+    async def handle_http_exception(request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, StarletteHTTPException)
+        # FastAPI raises a plain 400 for a body that is not UTF-8.
+        if error.status_code == 400 and (denied := await access_denied(request)):
+            return denied
+        return await _handle_http_exception(request, error)
+
     app.add_exception_handler(errors.ComputeplaneError, _handle_domain_error)
-    app.add_exception_handler(RequestValidationError, _handle_validation_error)
-    app.add_exception_handler(StarletteHTTPException, _handle_http_exception)
+    app.add_exception_handler(RequestValidationError, handle_validation_error)
+    app.add_exception_handler(StarletteHTTPException, handle_http_exception)
+
+
+def _is_unparsed_body(error: RequestValidationError) -> bool:
+    """Return whether the body failed to parse, so that no dependency has run yet."""
+    return any(detail.get("type") == "json_invalid" for detail in error.errors())
 
 
 async def _handle_domain_error(_request: Request, error: Exception) -> JSONResponse:
@@ -108,7 +154,7 @@ async def _handle_validation_error(request: Request, error: Exception) -> JSONRe
     return error_response(400, "validation_error", code, message)
 
 
-async def _handle_http_exception(_request: Request, error: Exception) -> JSONResponse:
+async def _handle_http_exception(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
     fallback: tuple[ErrorType, str, str] = (
         "server_error" if error.status_code >= 500 else "validation_error",
@@ -116,7 +162,23 @@ async def _handle_http_exception(_request: Request, error: Exception) -> JSONRes
         str(error.detail),
     )
     error_type, code, message = _ROUTING_ERRORS.get(error.status_code, fallback)
-    return error_response(error.status_code, error_type, code, message, error.headers)
+    headers = dict(error.headers or {})
+    if error.status_code == 405:
+        # Starlette names only the methods of the first route whose path matched.
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+    return error_response(error.status_code, error_type, code, message, headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Return every method that some route serves on the request's path, sorted."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes
+        )
+    ]
 
 
 def _has_body(request: Request) -> bool:
@@ -149,7 +211,11 @@ def describe_validation_errors(details: Any) -> tuple[str, str]:
             code = "invalid_ssh_key"
         location = ".".join(str(part) for part in detail.get("loc", ()) if part != "body")
         parts.append(_validation_message(kind, location, detail.get("msg", "invalid value")))
-    return code, "; ".join(parts) or "The request is invalid."
+    return code, " ".join(_sentence(part) for part in parts) or "The request is invalid."
+
+
+def _sentence(text: str) -> str:
+    return text if text.endswith((".", "?", "!")) else f"{text}."
 
 
 def _validation_message(kind: str, location: str, message: str) -> str:
@@ -157,6 +223,8 @@ def _validation_message(kind: str, location: str, message: str) -> str:
         return "The request body is not valid JSON."
     if kind == "extra_forbidden":
         return f"Unknown field '{location}'."
+    if kind == "missing" and not location:
+        return "The request body is missing; send a JSON object."
     if kind == "missing":
         return f"Field '{location}' is required."
     if kind in {"model_attributes_type", "dict_type"} and not location:
