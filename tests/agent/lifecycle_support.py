@@ -137,6 +137,7 @@ class Event:
     from_status: str | None
     to_status: str
     reason: str
+    message: str | None
 
 
 @dataclass
@@ -240,14 +241,17 @@ class Plane:
         """Return the instance's status changes in the order they were stored."""
         async with self.context.database.read() as session:
             rows = await session.execute(
-                select(InstanceEvent.from_status, InstanceEvent.to_status, InstanceEvent.reason)
+                select(
+                    InstanceEvent.from_status,
+                    InstanceEvent.to_status,
+                    InstanceEvent.reason,
+                    InstanceEvent.message,
+                )
                 .join(Instance, Instance.id == InstanceEvent.instance_id)
                 .where(Instance.public_id == instance_id)
                 .order_by(InstanceEvent.id)
             )
-            return [
-                Event(from_status, to_status, reason) for from_status, to_status, reason in rows
-            ]
+            return [Event(*row) for row in rows]
 
     async def wait_for_release(self, instance_id: str) -> InstanceRow:
         """Poll until the instance's GPUs are released and return the stored instance."""

@@ -39,7 +39,7 @@ from lifecycle_support import (
 
 from computeplane.agent.runtime.base import InstanceSpec
 from computeplane.agent.runtime.local import LocalRuntimeConfig
-from computeplane.services.agents import wait_for_desired_state
+from computeplane.services.agents import RUNTIME_FAILED_MESSAGE, wait_for_desired_state
 from computeplane.services.context import ServiceContext
 from computeplane.services.nodes import remove_node
 from computeplane.workers.deadlines import expire_provisioning
@@ -374,8 +374,16 @@ async def test_start_failure_releases_once(
         body = await plane.wait_for_status(instance_id, "stopped")
         released = await plane.wait_for_release(instance_id)
 
-        assert f"port {config.ssh_port} is in use" in body["status_reason"]
-        assert str(config.address_pool) in body["status_reason"]
+        # The owner reads a plain reason; the runtime's message, with host details, is in
+        # the event that operators read.
+        assert body["status_reason"] == RUNTIME_FAILED_MESSAGE
+        assert str(config.address_pool) not in body["status_reason"]
+        failed = [
+            event for event in await plane.events(instance_id) if event.to_status == "stopped"
+        ]
+        assert failed[0].message is not None
+        assert f"port {config.ssh_port} is in use" in failed[0].message
+        assert str(config.address_pool) in failed[0].message
         assert await plane.gpus_free() == NODE_GPUS
         assert await plane.allocation_count() == 0
 

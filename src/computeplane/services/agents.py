@@ -28,6 +28,12 @@ from computeplane.store.models import GpuAllocation, Instance, Node
 
 logger = logging.getLogger(__name__)
 
+#: The ``status_reason`` of an instance whose node failed to start it.
+RUNTIME_FAILED_MESSAGE = (
+    "The node failed to start the instance. The operator can see the cause with "
+    "'computeplane instances events <id>'."
+)
+
 #: Maximum seconds a long-poll waits for a wake-up before it reads the version again.
 RECHECK_SECONDS = 1.0
 
@@ -210,7 +216,17 @@ async def _reconcile(
             actor=actor,
         )
     elif seen.state == ObservedState.FAILED:
-        await _stop(session, instance, StatusReason.RUNTIME_FAILED, actor, seen.message)
+        # The runtime's message is for operators: it may name paths and settings of the host.
+        await lifecycle.change_status(
+            session,
+            instance,
+            InstanceStatus.STOPPED,
+            StatusReason.RUNTIME_FAILED,
+            actor=actor,
+            message=RUNTIME_FAILED_MESSAGE,
+            detail=seen.message,
+        )
+        await lifecycle.request_teardown(session, instance)
         await lifecycle.release_gpus(session, instance, why="the node reported the start failed")
         return True
     return False

@@ -43,11 +43,13 @@ async def change_status(
     *,
     actor: str,
     message: str | None = None,
+    detail: str | None = None,
 ) -> None:
     """Move ``instance`` to ``target`` and store the event; a no-op if it is already there.
 
-    ``message`` becomes the instance's ``status_reason``. Raises InvalidTransition for a
-    move the status machine does not allow.
+    ``message`` becomes the instance's ``status_reason``, which its owner reads. The event
+    and the log line carry ``detail`` instead when given, for operators. Raises
+    InvalidTransition for a move the status machine does not allow.
     """
     current = InstanceStatus(instance.status)
     if current == target:
@@ -60,7 +62,8 @@ async def change_status(
     instance.updated_at = now
     if target == InstanceStatus.READY and instance.ready_at is None:
         instance.ready_at = now
-    await _add_event(session, instance, current, reason, message, actor)
+    recorded = detail or message
+    await _add_event(session, instance, current, reason, recorded, actor)
 
     logger.info(
         "instance %s: %s -> %s (%s) on node %s%s",
@@ -69,7 +72,7 @@ async def change_status(
         target,
         reason,
         node_label(instance),
-        f": {message}" if message else "",
+        f": {recorded}" if recorded else "",
     )
 
 
