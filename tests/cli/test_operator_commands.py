@@ -149,6 +149,17 @@ def test_users_create_unknown_org(cli: OperatorCli) -> None:
     assert "No organization named 'missing'" in result.stderr
 
 
+def test_users_create_taken_names_owner(cli: OperatorCli) -> None:
+    cli.output("orgs", "create", "research")
+    cli.output("orgs", "create", "finance")
+    cli.output("users", "create", "ada", "--org", "research")
+
+    result = cli.run("users", "create", "ada", "--org", "finance")
+
+    assert result.returncode == 1, result.stderr
+    assert "User 'ada' already exists in organization 'research'" in result.stderr
+
+
 # keys
 
 
@@ -340,6 +351,33 @@ async def test_nodes_drain_stops_placement(
     assert rows["drained"]["USED"] == "0"
     assert second.status_code == 503, second.text
     assert error_code(second) == "insufficient_capacity"
+
+
+async def test_nodes_undrain_restores_placement(
+    cli: OperatorCli, api: httpx.AsyncClient, keys: Keys, ed25519_key: str
+) -> None:
+    add_node(cli, "n1", "--region", "us-west", "--gpus", "1")
+    cli.output("nodes", "drain", "n1")
+    refused = await create_instance(api, keys.a, ed25519_key)
+
+    result = cli.run("nodes", "undrain", "n1")
+    created = await create_instance(api, keys.a, ed25519_key)
+
+    assert refused.status_code == 503, refused.text
+    assert result.returncode == 0, result.stderr
+    assert "node n1 undrained" in result.stderr
+    assert cli.nodes()["n1"]["STATE"] == "active"
+    assert created.status_code == 201, created.text
+
+
+def test_nodes_undrain_active_changes_nothing(cli: OperatorCli) -> None:
+    add_node(cli, "n1", "--region", "us-west", "--gpus", "1")
+
+    result = cli.run("nodes", "undrain", "n1")
+
+    assert result.returncode == 0, result.stderr
+    assert "was not drained" in result.stderr
+    assert cli.nodes()["n1"]["STATE"] == "active"
 
 
 def test_nodes_drain_unknown_node(cli: OperatorCli) -> None:

@@ -200,13 +200,13 @@ def update_organization(
 
     typer.echo(
         f"organization {name} updated: compute {_yes_no(updated.compute_enabled)}, "
-        f"GPU quota {_quota(updated.gpu_quota)}, {updated.gpus_held} GPUs held",
+        f"GPU quota {_quota(updated.gpu_quota)}, {_count(updated.gpus_held, 'GPU')} held",
         err=True,
     )
     if isinstance(new_quota, int) and updated.gpus_held > new_quota:
         warn(
-            f"organization {name} holds {updated.gpus_held} GPUs, more than its new quota of "
-            f"{new_quota}, so new creates will be rejected until its usage drops "
+            f"organization {name} holds {_count(updated.gpus_held, 'GPU')}, more than its new "
+            f"quota of {new_quota}, so new creates will be rejected until its usage drops "
             "below the quota."
         )
 
@@ -341,7 +341,7 @@ def list_keys(
 # nodes
 
 
-@nodes_app.command("add")
+@nodes_app.command("add", short_help="Register a node and print its agent token once.")
 def add_node(
     name: Annotated[
         str, typer.Argument(metavar="NAME", help="Name of the node.", show_default=False)
@@ -414,7 +414,25 @@ def drain_node(
     typer.echo(f"node {name} drained", err=True)
 
 
-@nodes_app.command("remove")
+@nodes_app.command("undrain")
+def undrain_node(
+    name: Annotated[
+        str, typer.Argument(metavar="NAME", help="Name of the node.", show_default=False)
+    ],
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Place new instances on a drained node again."""
+    was_draining = _with_context(
+        data_dir, database_url, lambda context: nodes.undrain_node(context.database, name)
+    )
+    if was_draining:
+        typer.echo(f"node {name} undrained", err=True)
+    else:
+        typer.echo(f"node {name} was not drained; nothing changed", err=True)
+
+
+@nodes_app.command("remove", short_help="Remove a node; its agent tears down its instances.")
 def remove_node(
     name: Annotated[
         str, typer.Argument(metavar="NAME", help="Name of the node.", show_default=False)
@@ -576,6 +594,10 @@ def _one_line(cell: str) -> str:
 
 def _time(value: datetime | None) -> str:
     return value.isoformat(timespec="seconds") if value else "-"
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _yes_no(value: bool) -> str:

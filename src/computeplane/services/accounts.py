@@ -79,7 +79,16 @@ async def create_user(database: Database, nickname: str, organization_name: str)
                 User(organization_id=organization.id, nickname=nickname, created_at=utcnow())
             )
     except IntegrityError as error:
-        raise ConflictError(f"User '{nickname}' already exists.") from error
+        async with database.read() as session:
+            owner = await session.scalar(
+                select(Organization.name)
+                .join(User, User.organization_id == Organization.id)
+                .where(User.nickname == nickname)
+            )
+        raise ConflictError(
+            f"User '{nickname}' already exists in organization '{owner}'; nicknames are unique "
+            "across all organizations, so choose another."
+        ) from error
     logger.info("user %s created in organization %s", nickname, organization_name)
 
 

@@ -124,6 +124,17 @@ async def drain_node(database: Database, name: str) -> None:
     logger.info("node %s drained: no new instances will be placed on it", name)
 
 
+async def undrain_node(database: Database, name: str) -> bool:
+    """Place new instances on a drained node again; return whether it was draining."""
+    async with database.write() as session:
+        node = await _existing_node(session, name)
+        was_draining = node.state == "draining"
+        node.state = "active"
+    if was_draining:
+        logger.info("node %s undrained: new instances may be placed on it again", name)
+    return was_draining
+
+
 async def remove_node(context: ServiceContext, name: str, *, force: bool = False) -> None:
     """Remove the node; its agent then tears down every instance and exits.
 

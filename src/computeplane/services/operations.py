@@ -298,9 +298,14 @@ async def _locked_undeleted_instance(session: AsyncSession, public_id: str) -> I
 
 def _instance_not_found(public_id: str, *, deleted_counts: bool = False) -> NotFound:
     # Only an id of the issued form is echoed, so the message never carries odd bytes.
-    shown = f" '{public_id}'" if is_instance_id(public_id) else ""
+    if not is_instance_id(public_id):
+        return NotFound(
+            "Instance not found: instance ids are 'inst_' followed by 20 lowercase letters "
+            "and digits.",
+            code="instance_not_found",
+        )
     state = " or already deleted" if deleted_counts else ""
-    return NotFound(f"Instance{shown} not found{state}.", code="instance_not_found")
+    return NotFound(f"Instance '{public_id}' not found{state}.", code="instance_not_found")
 
 
 def _summary(instance: Instance, organization_name: str) -> InstanceSummary:
