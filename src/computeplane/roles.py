@@ -11,19 +11,29 @@ import contextlib
 import hashlib
 import ipaddress
 import logging
+import signal
 import socket
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import uvicorn
+from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError
 
 from computeplane.agent.agent import NodeAgent
 from computeplane.agent.client import ControlPlaneClient
 from computeplane.agent.runtime.local import LocalRuntime, LocalRuntimeConfig
+from computeplane.agent.runtime.pool_registry import PoolEntry, register_pool
 from computeplane.api.app import BackgroundTask, create_app
 from computeplane.api.http_protocol import head_timeout_protocol
-from computeplane.domain.errors import ConflictError, DatabaseNotInitialized
+from computeplane.domain.errors import (
+    ConflictError,
+    DatabaseNotInitialized,
+    DatabaseUnavailable,
+)
 from computeplane.domain.fleet import NodeSpec, load_fleet
 from computeplane.pidlock import PidLock
 from computeplane.services import accounts
@@ -48,27 +58,42 @@ async def open_database(settings: Settings, *, create: bool = True) -> AsyncIter
     """
     url = settings.resolved_database_url
     parsed = make_url(url)
-    shown = parsed.render_as_string(hide_password=True)
+    display_url = parsed.render_as_string(hide_password=True)
     if not create and _is_missing_sqlite_file(parsed):
         raise DatabaseNotInitialized(
             _not_initialized_message(f"no database file at {parsed.database}")
         )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    logger.info("database %s", shown)
+    logger.info("database %s", display_url)
     database = Database(
         url,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
     )
     try:
+        await _check_connection(database, display_url)
         if not create and await current_revision(database) is None:
             raise DatabaseNotInitialized(
-                _not_initialized_message(f"{shown} has no computeplane schema")
+                _not_initialized_message(f"{display_url} has no computeplane schema")
             )
         await upgrade_to_head(database)
         yield database
     finally:
         await database.dispose()
+
+
+async def _check_connection(database: Database, display_url: str) -> None:
+    """Open one connection, or raise DatabaseUnavailable naming the URL and the cause."""
+    try:
+        async with database.engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+    except (OSError, TimeoutError, DBAPIError, asyncpg.PostgresError) as error:
+        cause = error.orig if isinstance(error, DBAPIError) else error
+        logger.info("cannot connect to the database %s: %s", display_url, cause)
+        raise DatabaseUnavailable(
+            f"cannot connect to the database {display_url}: {cause or type(cause).__name__}. "
+            "Check --database-url (COMPUTEPLANE_DATABASE_URL) and that the server is running."
+        ) from error
 
 
 def _is_missing_sqlite_file(url: URL) -> bool:
@@ -95,6 +120,7 @@ async def serve(settings: Settings) -> None:
     """Run the API, the workers and one local agent per fleet node in this process."""
     fleet = load_fleet(settings.fleet_file)
     with holding(PidLock(settings.data_dir / "serve.lock", f"Data directory {settings.data_dir}")):
+        register_local_pool(settings)
         await _serve(settings, fleet)
 
 
@@ -146,14 +172,15 @@ async def api(settings: Settings) -> None:
 
 
 async def worker(settings: Settings) -> None:
-    """Run the background loops only."""
+    """Run the background loops only, until SIGTERM or Ctrl-C."""
     async with open_database(settings) as database:
         context = ServiceContext(settings, database, make_notifier(database))
         await context.notifier.start()
         try:
-            await run_workers(context)
+            await _until_sigterm(run_workers(context))
         finally:
             await context.notifier.close()
+            logger.info("worker stopped")
 
 
 async def agent(settings: Settings, control_plane_url: str, node_token: str) -> None:
@@ -163,7 +190,37 @@ async def agent(settings: Settings, control_plane_url: str, node_token: str) -> 
     config = local_runtime_config(settings, state_name)
     lock = PidLock(config.state_dir.with_suffix(".lock"), f"Agent state {config.state_dir}")
     with holding(lock):
-        await _run_agent(settings, config, control_plane_url, node_token)
+        register_local_pool(settings)
+        await _until_sigterm(_run_agent(settings, config, control_plane_url, node_token))
+
+
+async def _until_sigterm(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main``; on SIGTERM cancel it and wait for its cleanup, as Ctrl-C does.
+
+    Without this, SIGTERM from a service manager would end the process before any
+    ``finally`` block ran, leaving an agent's SSH sessions and their processes behind.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(main)
+    terminated = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, terminated.set)
+    waiter = asyncio.ensure_future(terminated.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if terminated.is_set() and not task.done():
+            logger.info("SIGTERM received; stopping")
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return
+        await task
+    finally:
+        waiter.cancel()
+        loop.remove_signal_handler(signal.SIGTERM)
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def _run_agent(
@@ -200,10 +257,25 @@ def holding(lock: PidLock) -> Iterator[None]:
         lock.release()
 
 
+def register_local_pool(settings: Settings) -> None:
+    """Register the data directory's address pool, or raise ConflictError if it is shared."""
+    register_pool(
+        PoolEntry(
+            address_dir=_address_dir(settings),
+            pool=ipaddress.IPv4Network(settings.local_address_pool),
+            ssh_port=settings.local_ssh_port,
+        )
+    )
+
+
+def _address_dir(settings: Settings) -> Path:
+    return settings.data_dir / "addresses"
+
+
 def local_runtime_config(settings: Settings, node_name: str) -> LocalRuntimeConfig:
     return LocalRuntimeConfig(
         state_dir=settings.data_dir / "nodes" / node_name,
-        address_dir=settings.data_dir / "addresses",
+        address_dir=_address_dir(settings),
         address_pool=ipaddress.IPv4Network(settings.local_address_pool),
         ssh_port=settings.local_ssh_port,
         start_delay_seconds=settings.local_start_delay_seconds,

@@ -9,8 +9,10 @@ and on PostgreSQL.
 from __future__ import annotations
 
 import hashlib
+import socket
 import subprocess
 import threading
+import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from computeplane.store.database import Database
 from computeplane.store.migrate import current_revision, head_revision
 from computeplane.store.models import ApiKey, Organization, User
 from conftest import BASE_URL, Keys
+from support.postgres import PostgresServer
 from support.processes import computeplane_environment, run_computeplane
 
 pytestmark = pytest.mark.e2e
@@ -238,3 +241,48 @@ async def test_operator_command_before_init_changes_nothing(
     initialized = init.run()
     assert initialized.returncode == 0, initialized.stderr
     assert (await read_accounts(database)).organizations == [("default", True)]
+
+
+def unreachable_postgres_url() -> str:
+    """Return a PostgreSQL URL on a loopback port where nothing listens."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"postgresql://computeplane:hunter2@127.0.0.1:{port}/computeplane"
+
+
+def missing_database_url(postgres_server: PostgresServer) -> str:
+    """Return a URL on the test server that names a database that does not exist."""
+    existing = postgres_server.create_database(f"exists_{uuid.uuid4().hex[:8]}")
+    return existing.rpartition("/")[0] + f"/missing_{uuid.uuid4().hex[:8]}"
+
+
+@pytest.mark.parametrize("command", [["orgs", "list"], ["init"]])
+def test_unreachable_database_one_line(tmp_path: Path, command: list[str]) -> None:
+    result = run_computeplane(
+        [*command, "--data-dir", str(tmp_path), "--database-url", unreachable_postgres_url()],
+        env=computeplane_environment(),
+    )
+
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "error: cannot connect to the database postgresql+asyncpg://" in result.stderr
+    assert "hunter2" not in result.stderr
+    assert "Connect call failed" in result.stderr
+
+
+@pytest.mark.postgres
+def test_missing_postgres_database_one_line(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    result = run_computeplane(
+        ["orgs", "list", "--data-dir", str(tmp_path)],
+        env=computeplane_environment(
+            {"COMPUTEPLANE_DATABASE_URL": missing_database_url(postgres_server)}
+        ),
+    )
+
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "error: cannot connect to the database" in result.stderr
+    assert "does not exist" in result.stderr

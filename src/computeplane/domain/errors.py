@@ -17,6 +17,7 @@
     │   └── InsufficientCapacity      no node can take the instance now (503)
     ├── ConflictError                 an operator action contradicts the stored state
     ├── DatabaseNotInitialized        an operator command found no computeplane schema
+    ├── DatabaseUnavailable           the configured database cannot be reached or opened
     └── RuntimeFailure                a node runtime could not start or stop an instance
 
 Errors carry no HTTP knowledge: ``computeplane.api.errors`` maps each class to a status
@@ -181,6 +182,13 @@ class DatabaseNotInitialized(ComputeplaneError):
 
     code = "database_not_initialized"
     default_message = "The database has no computeplane schema; run 'computeplane init' first."
+
+
+class DatabaseUnavailable(ComputeplaneError):
+    """Raised when the first connection to the configured database fails."""
+
+    code = "database_unavailable"
+    default_message = "The database cannot be reached."
 
 
 class RuntimeFailure(ComputeplaneError):
