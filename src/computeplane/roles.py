@@ -25,8 +25,8 @@ from sqlalchemy.exc import DBAPIError
 
 from computeplane.agent.agent import NodeAgent
 from computeplane.agent.client import ControlPlaneClient
+from computeplane.agent.runtime.claim_registry import ClaimRegistry
 from computeplane.agent.runtime.local import LocalRuntime, LocalRuntimeConfig
-from computeplane.agent.runtime.pool_registry import PoolEntry, register_pool
 from computeplane.api.app import BackgroundTask, create_app
 from computeplane.api.http_protocol import head_timeout_protocol
 from computeplane.domain.errors import (
@@ -258,14 +258,8 @@ def holding(lock: PidLock) -> Iterator[None]:
 
 
 def register_local_pool(settings: Settings) -> None:
-    """Register the data directory's address pool, or raise ConflictError if it is shared."""
-    register_pool(
-        PoolEntry(
-            address_dir=_address_dir(settings),
-            pool=ipaddress.IPv4Network(settings.local_address_pool),
-            ssh_port=settings.local_ssh_port,
-        )
-    )
+    """Make this data directory's address claims visible to runtimes of other data dirs."""
+    ClaimRegistry().register(_address_dir(settings))
 
 
 def _address_dir(settings: Settings) -> Path:
@@ -276,6 +270,7 @@ def local_runtime_config(settings: Settings, node_name: str) -> LocalRuntimeConf
     return LocalRuntimeConfig(
         state_dir=settings.data_dir / "nodes" / node_name,
         address_dir=_address_dir(settings),
+        claim_registry=ClaimRegistry(),
         address_pool=ipaddress.IPv4Network(settings.local_address_pool),
         ssh_port=settings.local_ssh_port,
         start_delay_seconds=settings.local_start_delay_seconds,

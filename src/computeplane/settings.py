@@ -9,8 +9,11 @@ from typing import Any
 import platformdirs
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 DEFAULT_FLEET_FILE = Path(__file__).parent / "fleets" / "local.toml"
+MAX_TCP_PORT = 65535
 
 _ASYNC_DRIVERS = {
     "sqlite": "sqlite+aiosqlite",
@@ -119,7 +122,8 @@ class Settings(BaseSettings):
 def normalize_database_url(url: str) -> str:
     """Return ``url`` with the async driver computeplane uses for its database kind.
 
-    Raises ValueError for a database kind computeplane does not support.
+    Raises ValueError for a database kind computeplane does not support and for a URL
+    whose port is not a TCP port.
     """
     scheme, separator, rest = url.partition("://")
     if not separator or scheme not in _ASYNC_DRIVERS:
@@ -127,4 +131,11 @@ def normalize_database_url(url: str) -> str:
             "database_url must start with sqlite:// or postgresql:// "
             f"(got a URL with scheme {scheme!r})"
         )
-    return f"{_ASYNC_DRIVERS[scheme]}://{rest}"
+    normalized = f"{_ASYNC_DRIVERS[scheme]}://{rest}"
+    try:
+        port = make_url(normalized).port
+    except ArgumentError as error:
+        raise ValueError(f"database_url is not a valid URL: {error}") from None
+    if port is not None and not 1 <= port <= MAX_TCP_PORT:
+        raise ValueError(f"database_url has port {port}; a TCP port is 1 to {MAX_TCP_PORT}")
+    return normalized

@@ -836,6 +836,24 @@ async def test_stop_kills_detached_processes(
     assert await wait_until_gone(pid)
 
 
+async def test_close_kills_detached_processes(
+    runtime: LocalRuntime, client: SSHClient, client_key: ClientKey
+) -> None:
+    endpoint = await runtime.start(make_spec(client_key))
+    command = (
+        "setsid sleep 300 </dev/null >/dev/null 2>&1 & "
+        'while [ "$(cat /proc/$!/comm)" != sleep ]; do sleep 0.05; done; echo $!'
+    )
+    result = await client.ssh(endpoint, command)
+    pid = int(result.stdout)
+    assert process_alive(pid)
+
+    await runtime.close()
+
+    assert await wait_until_gone(pid)
+    assert await runtime.list_instances() == ["inst-a"]
+
+
 async def test_closed_channel_kills_session_processes(
     runtime: LocalRuntime, client: SSHClient, client_key: ClientKey
 ) -> None:

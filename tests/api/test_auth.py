@@ -368,3 +368,20 @@ async def test_unparsable_body_checks_key_first(
     response = await api.post(INSTANCES, content=UNPARSABLE_BODIES[body], headers=headers)
 
     assert_error(response, status, error_type, code)
+
+
+@pytest.mark.parametrize("body", list(UNPARSABLE_BODIES))
+@pytest.mark.parametrize("authorization", [None, "Bearer not-a-node-token", "Key x:y"])
+async def test_agent_report_checks_token_first(
+    body: str, authorization: str | None, api: httpx.AsyncClient
+) -> None:
+    headers = {"Content-Type": "application/json"}
+    if authorization is not None:
+        headers["Authorization"] = authorization
+
+    response = await api.post(
+        "/internal/v1/agent/report", content=UNPARSABLE_BODIES[body], headers=headers
+    )
+
+    assert response.status_code == 401, response.text
+    assert response.json()["error"]["type"] == "authorization_error"

@@ -483,6 +483,12 @@ async def test_nodes_add_after_remove(
             "database_url",
             id="database-url-option",
         ),
+        pytest.param(
+            {},
+            ["--database-url", "postgresql://u:p@127.0.0.1:99999/db"],
+            "database_url",
+            id="database-port",
+        ),
         pytest.param({"COMPUTEPLANE_LOCAL_SSH_PORT": "0"}, [], "local_ssh_port", id="ssh-port"),
         pytest.param(
             {"COMPUTEPLANE_RATE_LIMIT_REQUESTS": "-1"}, [], "rate_limit_requests", id="rate"
@@ -507,3 +513,22 @@ def test_invalid_setting_exits_2(
     assert result.stdout == ""
     assert setting in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_non_utf8_argument_exits_2(cli: OperatorCli) -> None:
+    # A byte that is not UTF-8 reaches the command as a lone surrogate.
+    result = run_computeplane(
+        ["nodes", "drain", "\udcff", "--data-dir", str(cli.data_dir)],
+        env={**cli.env, "COMPUTEPLANE_DATABASE_URL": cli.database_url},
+    )
+
+    assert result.returncode == 2, result.stderr
+    assert "every argument must be valid UTF-8" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_orgs_create_huge_quota_exits_2(cli: OperatorCli) -> None:
+    result = cli.run("orgs", "create", "big", "--gpu-quota", "99999999999999999999")
+
+    assert result.returncode == 2, result.stderr
+    assert "less than or equal to 1000000" in result.stderr

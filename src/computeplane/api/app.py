@@ -55,7 +55,11 @@ def create_app(context: ServiceContext, *, background: Sequence[BackgroundTask] 
     app.include_router(instances.router)
     app.include_router(agent.router)
     install_error_handlers(
-        app, access_checks={instances.router.prefix: dependencies.check_compute_admin}
+        app,
+        access_checks={
+            instances.router.prefix: dependencies.check_compute_admin,
+            agent.router.prefix: dependencies.check_agent_node,
+        },
     )
     install_openapi(app)
     app.add_middleware(

@@ -135,3 +135,8 @@ async def agent_node(request: Request, context: Context) -> NodeIdentity:
 
 
 AgentNode = Annotated[NodeIdentity, Depends(agent_node)]
+
+
+async def check_agent_node(request: Request) -> None:
+    """Authenticate the request as ``AgentNode`` does, outside dependency injection."""
+    await agent_node(request, get_context(request))

@@ -57,6 +57,9 @@ stdout = Console()
 
 NICKNAMES_UNIQUE = "Nicknames are unique across all organizations."
 
+#: The largest quota the database column holds comfortably; far above any real fleet.
+MAX_GPU_QUOTA = 1_000_000
+
 OrganizationArgument = Annotated[
     str, typer.Argument(metavar="NAME", help="Name of the organization.", show_default=False)
 ]
@@ -102,6 +105,7 @@ def create_organization(
         typer.Option(
             "--gpu-quota",
             min=0,
+            max=MAX_GPU_QUOTA,
             help="Maximum GPUs the organization may hold at once; omit for no limit.",
         ),
     ] = None,
@@ -155,6 +159,7 @@ def update_organization(
         typer.Option(
             "--gpu-quota",
             min=0,
+            max=MAX_GPU_QUOTA,
             help="New maximum of GPUs the organization may hold at once.",
         ),
     ] = None,

@@ -89,6 +89,18 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
         sys.exit(130)
 
 
+def check_arguments_utf8(arguments: list[str]) -> None:
+    """Exit with status 2 if an argument is not valid UTF-8.
+
+    Such bytes reach Python as lone surrogates, which no database driver can encode.
+    """
+    for argument in arguments:
+        try:
+            argument.encode("utf-8")
+        except UnicodeEncodeError:
+            fail("every argument must be valid UTF-8 text.", exit_code=2)
+
+
 def warn(message: str) -> None:
     """Print a warning line on stderr without stopping the command."""
     stderr.print(Text("warning: ", style="yellow") + Text(message), highlight=False)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
 
 from computeplane import __version__
 from computeplane.cli import admin, processes
-from computeplane.cli.common import HELP_MARKUP_MODE
+from computeplane.cli.common import HELP_MARKUP_MODE, check_arguments_utf8
 
 app = typer.Typer(
     name="computeplane",
@@ -53,6 +54,7 @@ def _root(
     ] = False,
 ) -> None:
     """computeplane"""
+    check_arguments_utf8(sys.argv[1:])
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """Address claims that keep local runtimes on one machine from sharing an IP address.
 
-Every runtime on the machine, in this process or another, uses the same claim directory.
+Every runtime on one data directory, in this process or another, uses the same claim
+directory; ``claim_registry`` makes the claims of other data directories visible too.
 A claim is the file ``<address_dir>/<ip>`` containing the owning instance id. The file is
 created with ``O_CREAT | O_EXCL``, so the kernel decides which of two racing runtimes gets
 an address. Releasing an address unlinks its file.
@@ -14,15 +15,22 @@ import secrets
 from collections.abc import Collection
 from pathlib import Path
 
+from computeplane.agent.runtime.claim_registry import ClaimRegistry
 from computeplane.domain.errors import RuntimeFailure
 
 
 class AddressClaims:
     """The claims on the host addresses of one pool, stored as files in ``address_dir``."""
 
-    def __init__(self, address_dir: Path, pool: ipaddress.IPv4Network) -> None:
+    def __init__(
+        self,
+        address_dir: Path,
+        pool: ipaddress.IPv4Network,
+        registry: ClaimRegistry | None = None,
+    ) -> None:
         self.address_dir = address_dir
         self.pool = pool
+        self.registry = registry
 
     def claim(
         self, instance_id: str, exclude: Collection[ipaddress.IPv4Address] = ()
@@ -33,13 +41,16 @@ class AddressClaims:
         in this directory, wrapping around, and skipping the network and broadcast addresses
         and any address in ``exclude``. A released address is therefore reused only after
         the rest of the pool, so a client's known_hosts entry for a deleted instance rarely
-        meets a new host key at the same address. Raises ``RuntimeFailure`` when every
+        meets a new host key at the same address. With a ``registry``, addresses claimed in
+        other data directories are skipped too. Raises ``RuntimeFailure`` when every
         address is claimed.
         """
         self.address_dir.mkdir(parents=True, exist_ok=True)
         # Listing first skips taken addresses without one failed open() per address. The
         # O_EXCL open below still settles races with other runtimes.
         claimed_names = set(os.listdir(self.address_dir))
+        if self.registry is not None:
+            claimed_names |= self.registry.claimed_elsewhere(self.address_dir)
         for ip in self._rotation():
             if ip in exclude or str(ip) in claimed_names:
                 continue

@@ -21,6 +21,7 @@ import asyncssh
 
 from computeplane.agent.runtime.addresses import AddressClaims
 from computeplane.agent.runtime.base import Endpoint, InstanceSpec, Runtime
+from computeplane.agent.runtime.claim_registry import ClaimRegistry
 from computeplane.agent.runtime.instance_state import InstanceRecord, InstanceStateDir
 from computeplane.agent.runtime.processes import kill_instance_processes
 from computeplane.agent.runtime.sessions import SessionContext
@@ -45,9 +46,11 @@ class LocalRuntimeConfig:
 
     ``state_dir`` contains this node's instances, one directory per instance id.
     ``address_dir`` contains the address claims and must be shared by every local runtime on
-    the machine. ``address_pool`` is the network whose host addresses instances get; on
-    Linux every 127.0.0.0/8 address is usable without setup. ``ssh_port`` is the TCP port
-    each instance listens on, and ``ssh_user`` the only user name that may log in.
+    the data directory. ``claim_registry``, when given, shows the claims of other data
+    directories on the machine. ``address_pool`` is the network whose host addresses
+    instances get; on Linux every 127.0.0.0/8 address is usable without setup.
+    ``ssh_port`` is the TCP port each instance listens on, and ``ssh_user`` the only user
+    name that may log in.
     ``start_delay_seconds`` makes every new instance wait that long before it starts, to
     stand in for the provisioning time of a real host.
     """
@@ -58,6 +61,7 @@ class LocalRuntimeConfig:
     ssh_port: int = 2222
     ssh_user: str = "ubuntu"
     start_delay_seconds: float = 0.0
+    claim_registry: ClaimRegistry | None = None
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,9 @@ class LocalRuntime(Runtime):
 
     def __init__(self, config: LocalRuntimeConfig) -> None:
         self.config = config
-        self._claims = AddressClaims(config.address_dir, config.address_pool)
+        self._claims = AddressClaims(
+            config.address_dir, config.address_pool, config.claim_registry
+        )
         self._running: dict[str, _RunningInstance] = {}
 
     async def start(self, spec: InstanceSpec) -> Endpoint:
@@ -141,11 +147,17 @@ class LocalRuntime(Runtime):
         )
 
     async def close(self) -> None:
-        """Close every server and kill every session, keeping all state for a restore."""
+        """Close every server and kill every session, keeping all state for a restore.
+
+        Processes that left their session, such as daemons started with ``setsid``, are
+        killed too, as on a host that shuts down.
+        """
         running = list(self._running.items())
         self._running.clear()
         for instance_id, instance in running:
             await self._close_server(instance_id, instance.server)
+            home = self._state_dir(instance_id).home
+            await asyncio.to_thread(kill_instance_processes, instance_id, home)
         if running:
             logger.info(
                 "closed %d instance endpoints; their state stays in %s",
