@@ -23,7 +23,7 @@ def registry(tmp_path: Path) -> ClaimRegistry:
 
 
 def claims_of(data_dir: Path, registry: ClaimRegistry | None) -> AddressClaims:
-    """Return the address claims of ``data_dir``, registered when ``registry`` is given."""
+    """Return the address claims of ``data_dir``, registered when ``registry`` is second_ip."""
     claims = AddressClaims(data_dir / "addresses", POOL, registry)
     if registry is not None:
         registry.register(claims.address_dir)
@@ -34,37 +34,37 @@ def test_claim_skips_other_directory(tmp_path: Path, registry: ClaimRegistry) ->
     first = claims_of(tmp_path / "first", registry)
     second = claims_of(tmp_path / "second", registry)
 
-    taken = first.claim("inst-a")
-    given = second.claim("inst-b")
+    first_ip = first.claim("inst-a")
+    second_ip = second.claim("inst-b")
 
-    assert taken == FIRST_HOST
-    assert given != taken
+    assert first_ip == FIRST_HOST
+    assert second_ip != first_ip
 
 
 def test_claim_skips_stopped_directory(tmp_path: Path, registry: ClaimRegistry) -> None:
-    # A stopped runtime's claims stay on disk, so a new runtime object stands in for it.
-    taken = claims_of(tmp_path / "first", registry).claim("inst-a")
+    # A stopped runtime's claims stay on disk, so a new runtime object replaces it here.
+    first_ip = claims_of(tmp_path / "first", registry).claim("inst-a")
 
-    given = claims_of(tmp_path / "second", registry).claim("inst-b")
+    second_ip = claims_of(tmp_path / "second", registry).claim("inst-b")
 
-    assert given != taken
+    assert second_ip != first_ip
 
 
 def test_unregistered_directory_not_seen(tmp_path: Path, registry: ClaimRegistry) -> None:
-    taken = claims_of(tmp_path / "first", None).claim("inst-a")
+    first_ip = claims_of(tmp_path / "first", None).claim("inst-a")
 
-    given = claims_of(tmp_path / "second", registry).claim("inst-b")
+    second_ip = claims_of(tmp_path / "second", registry).claim("inst-b")
 
-    assert given == taken
+    assert second_ip == first_ip
 
 
 def test_deleted_data_dir_entry_removed(tmp_path: Path, registry: ClaimRegistry) -> None:
     claims_of(tmp_path / "deleted", registry).claim("inst-a")
     shutil.rmtree(tmp_path / "deleted")
 
-    given = claims_of(tmp_path / "second", registry).claim("inst-b")
+    second_ip = claims_of(tmp_path / "second", registry).claim("inst-b")
 
-    assert given == FIRST_HOST
+    assert second_ip == FIRST_HOST
     assert len(list(registry.registry_dir.glob("*.json"))) == 1
 
 
@@ -89,12 +89,12 @@ def test_bad_entries_skipped(
     tmp_path: Path, registry: ClaimRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
     write_bad_entries(registry.registry_dir)
-    taken = claims_of(tmp_path / "first", registry).claim("inst-a")
+    first_ip = claims_of(tmp_path / "first", registry).claim("inst-a")
 
     with caplog.at_level(logging.WARNING):
-        given = claims_of(tmp_path / "second", registry).claim("inst-b")
+        second_ip = claims_of(tmp_path / "second", registry).claim("inst-b")
 
-    assert given != taken
+    assert second_ip != first_ip
     skipped = {Path(str(record.args[0])).name for record in caplog.records if record.args}
     assert skipped == {
         "not-json.json",
@@ -112,7 +112,7 @@ def test_unwritable_registry_logged(tmp_path: Path, caplog: pytest.LogCaptureFix
     registry = ClaimRegistry(blocked)
 
     with caplog.at_level(logging.WARNING):
-        given = claims_of(tmp_path / "first", registry).claim("inst-a")
+        second_ip = claims_of(tmp_path / "first", registry).claim("inst-a")
 
-    assert given == FIRST_HOST
+    assert second_ip == FIRST_HOST
     assert "cannot register the address claims" in caplog.text
