@@ -816,9 +816,10 @@ async def test_stop_kills_session_processes(
     assert await wait_until_gone(pid)
 
 
-async def test_stop_kills_detached_processes(
+async def start_detached_sleep(
     runtime: LocalRuntime, client: SSHClient, client_key: ClientKey
-) -> None:
+) -> int:
+    """Start instance ``inst-a``, run ``setsid sleep`` in it over SSH and return its pid."""
     endpoint = await runtime.start(make_spec(client_key))
     # Wait until setsid(1) has exec'd sleep, because the session's process group is
     # killed when the shell exits and would catch a child that has not left it yet.
@@ -827,7 +828,13 @@ async def test_stop_kills_detached_processes(
         'while [ "$(cat /proc/$!/comm)" != sleep ]; do sleep 0.05; done; echo $!'
     )
     result = await client.ssh(endpoint, command)
-    pid = int(result.stdout)
+    return int(result.stdout)
+
+
+async def test_stop_kills_detached_processes(
+    runtime: LocalRuntime, client: SSHClient, client_key: ClientKey
+) -> None:
+    pid = await start_detached_sleep(runtime, client, client_key)
     # The detached sleep left the session's process group, so closing the channel spared it.
     assert process_alive(pid)
 
@@ -839,13 +846,7 @@ async def test_stop_kills_detached_processes(
 async def test_close_kills_detached_processes(
     runtime: LocalRuntime, client: SSHClient, client_key: ClientKey
 ) -> None:
-    endpoint = await runtime.start(make_spec(client_key))
-    command = (
-        "setsid sleep 300 </dev/null >/dev/null 2>&1 & "
-        'while [ "$(cat /proc/$!/comm)" != sleep ]; do sleep 0.05; done; echo $!'
-    )
-    result = await client.ssh(endpoint, command)
-    pid = int(result.stdout)
+    pid = await start_detached_sleep(runtime, client, client_key)
     assert process_alive(pid)
 
     await runtime.close()

@@ -358,12 +358,12 @@ async def test_nodes_undrain_restores_placement(
 ) -> None:
     add_node(cli, "n1", "--region", "us-west", "--gpus", "1")
     cli.output("nodes", "drain", "n1")
-    refused = await create_instance(api, keys.a, ed25519_key)
+    while_drained = await create_instance(api, keys.a, ed25519_key)
 
     result = cli.run("nodes", "undrain", "n1")
     created = await create_instance(api, keys.a, ed25519_key)
 
-    assert refused.status_code == 503, refused.text
+    assert while_drained.status_code == 503, while_drained.text
     assert result.returncode == 0, result.stderr
     assert "node n1 undrained" in result.stderr
     assert cli.nodes()["n1"]["STATE"] == "active"

@@ -148,7 +148,7 @@ async def test_orgs_list_held_until_release(
     assert report.status_code == 204, report.text
     after_teardown = by_name(table(cli, "orgs", "list"))["org-a"]["GPUS HELD"]
 
-    # A deleted instance holds its GPU until its node confirms the teardown.
+    # A deleted instance keeps its GPU until its node confirms the teardown.
     assert before_teardown == "1"
     assert after_teardown == "0"
 

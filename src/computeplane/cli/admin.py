@@ -57,11 +57,14 @@ stdout = Console()
 
 NICKNAMES_UNIQUE = "Nicknames are unique across all organizations."
 
-#: The largest quota the database column holds comfortably; far above any real fleet.
+#: The largest accepted GPU quota: it fits the database column and exceeds any real fleet.
 MAX_GPU_QUOTA = 1_000_000
 
 OrganizationArgument = Annotated[
     str, typer.Argument(metavar="NAME", help="Name of the organization.", show_default=False)
+]
+NodeNameArgument = Annotated[
+    str, typer.Argument(metavar="NAME", help="Name of the node.", show_default=False)
 ]
 InstanceIdArgument = Annotated[
     str,
@@ -348,9 +351,7 @@ def list_keys(
 
 @nodes_app.command("add", short_help="Register a node and print its agent token once.")
 def add_node(
-    name: Annotated[
-        str, typer.Argument(metavar="NAME", help="Name of the node.", show_default=False)
-    ],
+    name: NodeNameArgument,
     region: Annotated[Region, typer.Option("--region", help="fal region of the node.")],
     gpus: Annotated[int, typer.Option("--gpus", min=1, max=8, help="Number of GPUs.")],
     sector: Annotated[
@@ -408,9 +409,7 @@ def list_nodes(
 
 @nodes_app.command("drain")
 def drain_node(
-    name: Annotated[
-        str, typer.Argument(metavar="NAME", help="Name of the node.", show_default=False)
-    ],
+    name: NodeNameArgument,
     data_dir: DataDirOption = DEFAULT_DATA_DIR,
     database_url: DatabaseUrlOption = None,
 ) -> None:
@@ -421,9 +420,7 @@ def drain_node(
 
 @nodes_app.command("undrain")
 def undrain_node(
-    name: Annotated[
-        str, typer.Argument(metavar="NAME", help="Name of the node.", show_default=False)
-    ],
+    name: NodeNameArgument,
     data_dir: DataDirOption = DEFAULT_DATA_DIR,
     database_url: DatabaseUrlOption = None,
 ) -> None:
@@ -439,9 +436,7 @@ def undrain_node(
 
 @nodes_app.command("remove", short_help="Remove a node; its agent tears down its instances.")
 def remove_node(
-    name: Annotated[
-        str, typer.Argument(metavar="NAME", help="Name of the node.", show_default=False)
-    ],
+    name: NodeNameArgument,
     force: Annotated[
         bool, typer.Option("--force", help="Stop the node's instances and free their GPUs.")
     ] = False,

@@ -1,7 +1,7 @@
 """Address claims that keep local runtimes on one machine from sharing an IP address.
 
 Every runtime on one data directory, in this process or another, uses the same claim
-directory; ``claim_registry`` makes the claims of other data directories visible too.
+directory. ``claim_registry`` makes the claims of other data directories visible too.
 A claim is the file ``<address_dir>/<ip>`` containing the owning instance id. The file is
 created with ``O_CREAT | O_EXCL``, so the kernel decides which of two racing runtimes gets
 an address. Releasing an address unlinks its file.
