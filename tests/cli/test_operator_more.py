@@ -22,7 +22,7 @@ from computeplane.domain.catalog import Region
 from computeplane.services import accounts, operations
 from computeplane.store.database import Database
 from conftest import Keys, add_nodes, make_key, node
-from support.operator_cli import OperatorCli, table
+from support.operator_cli import OperatorCli, parse_table, table
 from support.processes import computeplane_environment, run_computeplane
 
 pytestmark = pytest.mark.e2e
@@ -398,6 +398,26 @@ async def test_instances_list_filters(
     rows = table(cli, "instances", "list", *options)
 
     assert [owners[row["ID"]] for row in rows] == [expected_owner]
+
+
+async def test_instances_list_limit_newest(
+    cli: OperatorCli,
+    api: httpx.AsyncClient,
+    database: Database,
+    keys: Keys,
+    ed25519_key: str,
+) -> None:
+    await add_nodes(database, node("n1", gpus=8))
+    created = [await created_id(api, keys.a, ed25519_key) for _ in range(3)]
+
+    limited = cli.run("instances", "list", "--limit", "2")
+    everything = cli.run("instances", "list", "--limit", "3")
+
+    assert limited.returncode == 0, limited.stderr
+    assert [row["ID"] for row in parse_table(limited.stdout)] == created[:0:-1]
+    assert "only the newest 2 instances are shown" in limited.stderr
+    assert [row["ID"] for row in parse_table(everything.stdout)] == created[::-1]
+    assert "only the newest" not in everything.stderr
 
 
 @pytest.mark.parametrize(

@@ -60,6 +60,9 @@ NICKNAMES_UNIQUE = "Nicknames are unique across all organizations."
 #: The largest accepted GPU quota: it fits the database column and exceeds any real fleet.
 MAX_GPU_QUOTA = 1_000_000
 
+#: How many instances ``instances list`` shows unless --limit says otherwise.
+DEFAULT_INSTANCE_LIMIT = 200
+
 OrganizationArgument = Annotated[
     str, typer.Argument(metavar="NAME", help="Name of the organization.", show_default=False)
 ]
@@ -464,6 +467,9 @@ def list_instances(
     include_deleted: Annotated[
         bool, typer.Option("--all", help="Include deleted instances, with their deletion time.")
     ] = False,
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, help="Show at most this many, the newest.")
+    ] = DEFAULT_INSTANCE_LIMIT,
     data_dir: DataDirOption = DEFAULT_DATA_DIR,
     database_url: DatabaseUrlOption = None,
 ) -> None:
@@ -471,6 +477,7 @@ def list_instances(
 
     ADDRESS is the SSH endpoint that the node last reported, or '-'.
     """
+    # One row more than shown tells whether older instances were left out.
     instances = _with_context(
         data_dir,
         database_url,
@@ -479,8 +486,11 @@ def list_instances(
             organization_name=org,
             node_name=node,
             include_deleted=include_deleted,
+            limit=limit + 1,
         ),
     )
+    truncated = len(instances) > limit
+    instances = instances[:limit]
     headers = [
         "ID",
         "ORGANIZATION",
@@ -513,6 +523,8 @@ def list_instances(
         for row, instance in zip(rows, instances, strict=True):
             row.append(_time(instance.deleted_at))
     _print_table(headers, rows)
+    if truncated:
+        warn(f"only the newest {limit} instances are shown; pass --limit to see more.")
 
 
 @instances_app.command("delete", short_help="Delete any organization's instance.")

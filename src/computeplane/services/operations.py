@@ -161,8 +161,9 @@ async def list_instances(
     organization_name: str | None = None,
     node_name: str | None = None,
     include_deleted: bool = False,
+    limit: int | None = None,
 ) -> list[InstanceSummary]:
-    """Return instances of every organization, newest first.
+    """Return up to ``limit`` instances of every organization, newest first.
 
     ``organization_name`` and ``node_name`` narrow the list; a name that matches nothing
     raises NotFound. A removed node's name still matches its instances. Deleted instances
@@ -172,6 +173,7 @@ async def list_instances(
         select(Instance, Organization.name)
         .join(Organization, Organization.id == Instance.organization_id)
         .order_by(Instance.id.desc())
+        .limit(limit)
     )
     if not include_deleted:
         query = query.where(Instance.deleted_at.is_(None))
