@@ -60,7 +60,7 @@ NICKNAMES_UNIQUE = "Nicknames are unique across all organizations."
 #: The largest accepted GPU quota: it fits the database column and exceeds any real fleet.
 MAX_GPU_QUOTA = 1_000_000
 
-#: How many instances ``instances list`` shows unless --limit says otherwise.
+#: The default --limit of ``instances list``.
 DEFAULT_INSTANCE_LIMIT = 200
 
 OrganizationArgument = Annotated[
@@ -90,7 +90,7 @@ def _with_context(
             # On PostgreSQL a wake-up sent here reaches the agents' long-polls in every API
             # process; the notifier needs no start() to send. On SQLite it reaches no other
             # process, but every long-poll reads its node's version again each second
-            # (services.agents.RECHECK_SECONDS), so the agent sees the change within about
+            # (services.agents.RECHECK_SECONDS), so the agent reads the change within about
             # a second anyway.
             return await action(ServiceContext(settings, database, make_notifier(database)))
 
@@ -477,7 +477,7 @@ def list_instances(
 
     ADDRESS is the SSH endpoint that the node last reported, or '-'.
     """
-    # One row more than shown tells whether older instances were left out.
+    # Fetching one row more than shown reveals whether older instances were left out.
     instances = _with_context(
         data_dir,
         database_url,
