@@ -34,10 +34,9 @@ MAX_IN_FLIGHT = 64
 # the timeout only keeps a hung server from hanging the test.
 REQUEST_TIMEOUT_SECONDS = 120.0
 BODY_PREVIEW_CHARACTERS = 300
-# The API closes a keep-alive connection after 5 idle seconds (uvicorn's timeout_keep_alive
-# in roles.py). A client that reuses a connection at that moment gets a reset instead of a
-# response, and httpx's default idle expiry is also 5 seconds, so the client here drops idle
-# connections well before the server does.
+# The API closes a keep-alive connection after 75 idle seconds by default
+# (keep_alive_timeout_seconds). A client that reuses a connection at that moment gets a
+# reset instead of a response, so the client here drops idle connections long before.
 CLIENT_KEEPALIVE_EXPIRY_SECONDS = 1.0
 
 
